@@ -1,0 +1,85 @@
+//! The `tether` command: wires the libraries together. No domain logic lives here.
+
+mod build;
+mod profiles;
+mod table;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// tether: minimal seccomp profiles from the syscalls workloads really make.
+///
+/// tether reads Tetragon event exports and strace logs, builds a baseline of
+/// syscalls per workload container, renders a minimal OCI seccomp profile from it,
+/// and keeps content-addressed versions of those profiles in a store.
+#[derive(Debug, Parser)]
+#[command(name = "tether", version, max_term_width = 100)]
+struct Cli {
+    /// Log level for diagnostics on stderr (error, warn, info, debug, trace, or a
+    /// tracing filter such as `profile_store=debug`).
+    #[arg(long, global = true, env = "TETHER_LOG_LEVEL", default_value = "warn")]
+    log_level: String,
+
+    /// Log format: `pretty` for people, `json` for log pipelines.
+    #[arg(long, global = true, env = "TETHER_LOG_FORMAT", default_value = "pretty", value_parser = ["pretty", "json"])]
+    log_format: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Ingest observations, merge them into the stored baselines, and render a new
+    /// profile version for every workload whose allowed set changed.
+    Build(build::BuildArgs),
+    /// Inspect and manage stored profiles.
+    #[command(subcommand)]
+    Profiles(profiles::ProfilesCommand),
+}
+
+/// The store every command works on.
+#[derive(Debug, Args, Clone)]
+struct StoreArgs {
+    /// The profile store directory (created by `build` when absent).
+    #[arg(long, env = "TETHER_STORE", value_name = "DIR")]
+    store: PathBuf,
+}
+
+/// Machine-readable output.
+#[derive(Debug, Args, Clone, Copy)]
+struct JsonArgs {
+    /// Print JSON instead of tables, for scripts.
+    #[arg(long, env = "TETHER_JSON")]
+    json: bool,
+}
+
+fn init_logging(level: &str, format: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level, &cli.log_format);
+    let result = match cli.command {
+        Command::Build(args) => build::run(args),
+        Command::Profiles(cmd) => profiles::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

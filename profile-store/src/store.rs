@@ -1,0 +1,627 @@
+//! The profile store: baselines, immutable content-addressed profile versions, and
+//! per-workload state. [`FsStore`] is the embedded default.
+
+use crate::baseline::Baseline;
+use crate::key::WorkloadKey;
+use crate::render::{Arch, RenderOptions, Rendered, RuntimeBase, SeccompProfile, Version, render};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The on-disk format version of [`FsStore`].
+pub const FORMAT: u32 = 1;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A stored file does not parse. Nothing is overwritten while this stands.
+    #[error("{path} is corrupt ({source}); restore it from a backup or move it away, then retry")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parse error (with line and column).
+        source: serde_json::Error,
+    },
+    /// A version file's content does not match its name.
+    #[error("{path} does not hash to its version {version}: the file was altered; restore it from a backup")]
+    HashMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The version it should have.
+        version: Version,
+    },
+    /// The directory is not a tether store.
+    #[error("{path} is not a tether store: {reason}")]
+    NotAStore {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The store has no record of the workload.
+    #[error("no workload {key} in the store; `tether profiles list` shows the workloads it has")]
+    UnknownWorkload {
+        /// The key.
+        key: WorkloadKey,
+    },
+    /// The workload has no such version.
+    #[error("workload {key} has no version {version}; `tether profiles show {key} --json` lists its versions")]
+    UnknownVersion {
+        /// The key.
+        key: WorkloadKey,
+        /// The version asked for.
+        version: Version,
+    },
+    /// A caller-side check inside an update refused the change.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Where a version stands on its way to enforcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionStatus {
+    /// Rendered from a baseline, not yet proven by replay.
+    Draft,
+    /// Replayed in staging without breaking the workload.
+    Validated,
+}
+
+/// What the store keeps about one version besides its profile file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionMeta {
+    /// The version.
+    pub version: Version,
+    /// When it was rendered.
+    pub created: Timestamp,
+    /// The runtime base set it includes (`runc@1.1+1.2`).
+    pub runtime: String,
+    /// The node architecture it is for.
+    pub arch: Arch,
+    /// How many syscalls it allows.
+    pub allowed: usize,
+    /// Observed dangerous syscalls it leaves out until approved.
+    pub needs_review: Vec<String>,
+    /// Draft or Validated.
+    pub status: VersionStatus,
+}
+
+/// Why and since when a workload runs under its fallback instead of its profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fallback {
+    /// The reason, as given by the operator or the crash watcher.
+    pub reason: String,
+    /// Since when.
+    pub since: Timestamp,
+}
+
+/// Per-workload state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadState {
+    /// The version `activate` pinned; without one, the newest version is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<Version>,
+    /// Dangerous syscalls an operator approved.
+    #[serde(default)]
+    pub approvals: BTreeSet<String>,
+    /// Set while the workload is in fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+    /// Versions, oldest first.
+    #[serde(default)]
+    pub versions: Vec<VersionMeta>,
+}
+
+/// Everything the store knows about one workload container except the profile files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    /// The file format version.
+    pub format: u32,
+    /// The merged baseline.
+    pub baseline: Baseline,
+    /// The state.
+    pub state: WorkloadState,
+}
+
+impl WorkloadRecord {
+    /// A record with an empty baseline.
+    pub fn new(key: WorkloadKey) -> Self {
+        WorkloadRecord {
+            format: FORMAT,
+            baseline: Baseline::new(key),
+            state: WorkloadState::default(),
+        }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &WorkloadKey {
+        &self.baseline.key
+    }
+
+    /// The active version: the pinned one, else the newest.
+    pub fn active(&self) -> Option<&VersionMeta> {
+        match &self.state.pinned {
+            Some(p) => self.state.versions.iter().find(|v| &v.version == p),
+            None => self.state.versions.last(),
+        }
+    }
+
+    /// The newest version.
+    pub fn latest(&self) -> Option<&VersionMeta> {
+        self.state.versions.last()
+    }
+
+    /// Metadata of `version`.
+    pub fn version(&self, version: &Version) -> Option<&VersionMeta> {
+        self.state.versions.iter().find(|v| &v.version == version)
+    }
+}
+
+/// Storage for baselines, profile versions and workload state.
+///
+/// Guarantees: a version, once stored, is never rewritten (content-addressed);
+/// [`ProfileStore::update`] is an atomic read-modify-write of one workload's record
+/// with respect to other writers.
+pub trait ProfileStore {
+    /// Every workload with a record, sorted.
+    fn keys(&self) -> Result<Vec<WorkloadKey>, StoreError>;
+    /// The record of `key`, if any.
+    fn record(&self, key: &WorkloadKey) -> Result<Option<WorkloadRecord>, StoreError>;
+    /// The profile of `version`, verified against its hash.
+    fn profile(&self, key: &WorkloadKey, version: &Version) -> Result<SeccompProfile, StoreError>;
+    /// Stores a rendered version's profile; a no-op when it is already there.
+    fn put_version(&self, key: &WorkloadKey, rendered: &Rendered) -> Result<(), StoreError>;
+    /// Runs `f` on the record of `key` (a new empty one when absent) under the write
+    /// lock and stores the result; when `f` fails, nothing is written.
+    fn update(
+        &self,
+        key: &WorkloadKey,
+        f: &mut dyn FnMut(&mut WorkloadRecord) -> Result<(), StoreError>,
+    ) -> Result<WorkloadRecord, StoreError>;
+}
+
+/// The embedded store: a directory.
+///
+/// ```text
+/// DIR/tether-store.json                          {"format": 1}
+/// DIR/.lock                                      writers hold an exclusive lock on it
+/// DIR/workloads/<ns>/<kind>/<name>/<container>/record.json
+/// DIR/workloads/<ns>/<kind>/<name>/<container>/versions/<version>.json
+/// ```
+///
+/// Every write goes to a temporary file in the same directory, is fsynced, renamed
+/// over the target, and the directory is fsynced: readers see the old or the new
+/// file, never a partial one, and a crash loses at most the write in flight.
+#[derive(Debug, Clone)]
+pub struct FsStore {
+    root: PathBuf,
+}
+
+const MARKER: &str = "tether-store.json";
+
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    format: u32,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl FsStore {
+    /// Opens the store at `root`, creating it when the directory is absent or empty.
+    pub fn open_or_create(root: &Path) -> Result<FsStore, StoreError> {
+        let marker = root.join(MARKER);
+        if !marker.exists() {
+            fs::create_dir_all(root).map_err(io_err(root))?;
+            let has_files = fs::read_dir(root).map_err(io_err(root))?.next().is_some();
+            if has_files {
+                return Err(StoreError::NotAStore {
+                    path: root.to_path_buf(),
+                    reason: format!("the directory is not empty and has no {MARKER}; choose an empty or new directory"),
+                });
+            }
+            let bytes = serde_json::to_vec(&Marker { format: FORMAT }).unwrap_or_default();
+            write_atomic(&marker, &bytes)?;
+        }
+        FsStore::open(root)
+    }
+
+    /// Opens an existing store.
+    pub fn open(root: &Path) -> Result<FsStore, StoreError> {
+        let marker = root.join(MARKER);
+        let bytes = fs::read(&marker).map_err(|e| StoreError::NotAStore {
+            path: root.to_path_buf(),
+            reason: format!(
+                "cannot read {} ({e}); create one with `tether build --store {}`",
+                marker.display(),
+                root.display()
+            ),
+        })?;
+        let m: Marker = serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+            path: marker.clone(),
+            source,
+        })?;
+        if m.format != FORMAT {
+            return Err(StoreError::NotAStore {
+                path: root.to_path_buf(),
+                reason: format!("format {} is not the format {FORMAT} this tether reads", m.format),
+            });
+        }
+        Ok(FsStore {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir(&self, key: &WorkloadKey) -> PathBuf {
+        self.root.join("workloads").join(key.rel_path())
+    }
+
+    /// The path of a version's profile file.
+    pub fn version_path(&self, key: &WorkloadKey, version: &Version) -> PathBuf {
+        self.dir(key).join("versions").join(format!("{version}.json"))
+    }
+
+    fn record_path(&self, key: &WorkloadKey) -> PathBuf {
+        self.dir(key).join("record.json")
+    }
+
+    fn lock(&self) -> Result<File, StoreError> {
+        let path = self.root.join(".lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        f.lock().map_err(io_err(&path))?;
+        Ok(f)
+    }
+}
+
+/// Writes `bytes` to `path` atomically and durably.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    tmp.write_all(bytes).map_err(io_err(tmp.path()))?;
+    tmp.as_file().sync_all().map_err(io_err(path))?;
+    tmp.persist(path).map_err(|e| StoreError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                source,
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+impl ProfileStore for FsStore {
+    fn keys(&self) -> Result<Vec<WorkloadKey>, StoreError> {
+        let mut keys = Vec::new();
+        let base = self.root.join("workloads");
+        if !base.exists() {
+            return Ok(keys);
+        }
+        // namespace/kind/name/container: four levels of directories.
+        let mut level: Vec<(PathBuf, Vec<String>)> = vec![(base, Vec::new())];
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for (dir, parts) in level {
+                for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+                    let entry = entry.map_err(io_err(&dir))?;
+                    if !entry.file_type().map_err(io_err(&dir))?.is_dir() {
+                        continue;
+                    }
+                    let mut parts = parts.clone();
+                    parts.push(entry.file_name().to_string_lossy().into_owned());
+                    next.push((entry.path(), parts));
+                }
+            }
+            level = next;
+        }
+        for (dir, parts) in level {
+            if !dir.join("record.json").exists() {
+                continue;
+            }
+            match WorkloadKey::new(&parts[0], &parts[1], &parts[2], &parts[3]) {
+                Ok(k) => keys.push(k),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "skipping a directory that is not a workload key")
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn record(&self, key: &WorkloadKey) -> Result<Option<WorkloadRecord>, StoreError> {
+        read_json(&self.record_path(key))
+    }
+
+    fn profile(&self, key: &WorkloadKey, version: &Version) -> Result<SeccompProfile, StoreError> {
+        let path = self.version_path(key, version);
+        let bytes = fs::read(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::UnknownVersion {
+                key: key.clone(),
+                version: version.clone(),
+            },
+            _ => io_err(&path)(e),
+        })?;
+        if &Version::of(&bytes) != version {
+            return Err(StoreError::HashMismatch {
+                path,
+                version: version.clone(),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path, source })
+    }
+
+    fn put_version(&self, key: &WorkloadKey, rendered: &Rendered) -> Result<(), StoreError> {
+        let path = self.version_path(key, &rendered.version);
+        if path.exists() {
+            // Content-addressed: an intact file already holds these bytes.
+            return self.profile(key, &rendered.version).map(|_| ());
+        }
+        write_atomic(&path, &rendered.profile.canonical_json())
+    }
+
+    fn update(
+        &self,
+        key: &WorkloadKey,
+        f: &mut dyn FnMut(&mut WorkloadRecord) -> Result<(), StoreError>,
+    ) -> Result<WorkloadRecord, StoreError> {
+        let _lock = self.lock()?;
+        let path = self.record_path(key);
+        let mut record = read_json(&path)?.unwrap_or_else(|| WorkloadRecord::new(key.clone()));
+        let before = record.clone();
+        f(&mut record)?;
+        if record != before {
+            let bytes = serde_json::to_vec_pretty(&record).map_err(|source| StoreError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
+            write_atomic(&path, &bytes)?;
+        }
+        Ok(record)
+    }
+}
+
+/// What [`render_version`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderOutcome {
+    /// The profile rendered from the baseline.
+    pub rendered: Rendered,
+    /// Whether it is a new version (its allowed set, runtime or architecture
+    /// changed); when false the newest stored version already is this profile.
+    pub new_version: bool,
+    /// Syscalls allowed now but not by the previous newest version.
+    pub added: Vec<String>,
+    /// Syscalls the previous newest version allowed and this one does not.
+    pub removed: Vec<String>,
+}
+
+/// Renders `record`'s baseline with its approvals and, when the result differs from
+/// the newest version, stores the profile and appends a Draft version.
+///
+/// Call it inside [`ProfileStore::update`] so that the record and the version list
+/// change together. `runtime_spec` is what the operator chose (`runc`, `crun@1`),
+/// recorded so later re-renders (approvals) use the same base set.
+pub fn render_version(
+    store: &dyn ProfileStore,
+    record: &mut WorkloadRecord,
+    runtime: &RuntimeBase,
+    runtime_spec: &str,
+    arch: Arch,
+    now: Timestamp,
+) -> Result<RenderOutcome, StoreError> {
+    let opts = RenderOptions {
+        runtime: runtime.clone(),
+        arch,
+        approvals: record.state.approvals.clone(),
+    };
+    let rendered = render(record.baseline.syscall_names(), &opts);
+    let key = record.key().clone();
+    let previous = match record.latest() {
+        Some(meta) => Some(store.profile(&key, &meta.version)?),
+        None => None,
+    };
+    let now_allowed = rendered.profile.allowed();
+    let before: BTreeSet<&str> = previous.as_ref().map(SeccompProfile::allowed).unwrap_or_default();
+    let added = now_allowed.difference(&before).map(|s| s.to_string()).collect();
+    let removed = before.difference(&now_allowed).map(|s| s.to_string()).collect();
+    let new_version = record.latest().map(|m| &m.version) != Some(&rendered.version);
+    if new_version {
+        store.put_version(&key, &rendered)?;
+        // A version seen before (e.g. after an approval was revoked) moves to the end
+        // as the newest rather than appearing twice.
+        record.state.versions.retain(|v| v.version != rendered.version);
+        record.state.versions.push(VersionMeta {
+            version: rendered.version.clone(),
+            created: now,
+            runtime: runtime_spec.to_string(),
+            arch,
+            allowed: now_allowed.len(),
+            needs_review: rendered.needs_review.clone(),
+            status: VersionStatus::Draft,
+        });
+    }
+    Ok(RenderOutcome {
+        rendered,
+        new_version,
+        added,
+        removed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> WorkloadKey {
+        "ns/deployment/app/c".parse().unwrap()
+    }
+
+    fn rendered(names: &[&str]) -> Rendered {
+        render(
+            names.iter().copied(),
+            &RenderOptions {
+                runtime: RuntimeBase::select("runc").unwrap(),
+                arch: Arch::X86_64,
+                approvals: BTreeSet::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn create_then_open_and_refuse_foreign_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        FsStore::open_or_create(&root).unwrap();
+        FsStore::open(&root).unwrap();
+        let foreign = dir.path().join("home");
+        fs::create_dir(&foreign).unwrap();
+        fs::write(foreign.join("notes.txt"), "mine").unwrap();
+        let err = FsStore::open_or_create(&foreign).unwrap_err();
+        assert!(err.to_string().contains("not empty"), "{err}");
+        assert!(
+            FsStore::open(&dir.path().join("missing"))
+                .unwrap_err()
+                .to_string()
+                .contains("tether build --store")
+        );
+    }
+
+    #[test]
+    fn versions_are_immutable_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open_or_create(dir.path()).unwrap();
+        let r = rendered(&["read"]);
+        store.put_version(&key(), &r).unwrap();
+        store.put_version(&key(), &r).unwrap();
+        assert_eq!(store.profile(&key(), &r.version).unwrap(), r.profile);
+        let path = store.version_path(&key(), &r.version);
+        fs::write(
+            &path,
+            b"{\"defaultAction\":\"SCMP_ACT_ALLOW\",\"architectures\":[],\"syscalls\":[]}",
+        )
+        .unwrap();
+        assert!(matches!(
+            store.profile(&key(), &r.version),
+            Err(StoreError::HashMismatch { .. })
+        ));
+        // A tampered file is not silently "fixed" either.
+        assert!(store.put_version(&key(), &r).is_err());
+    }
+
+    #[test]
+    fn update_is_not_written_when_the_closure_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open_or_create(dir.path()).unwrap();
+        store
+            .update(&key(), &mut |r| {
+                r.state.approvals.insert("ptrace".into());
+                Ok(())
+            })
+            .unwrap();
+        let err = store.update(&key(), &mut |r| {
+            r.state.approvals.clear();
+            Err(StoreError::Refused("no".into()))
+        });
+        assert!(err.is_err());
+        assert!(
+            store
+                .record(&key())
+                .unwrap()
+                .unwrap()
+                .state
+                .approvals
+                .contains("ptrace")
+        );
+        assert_eq!(store.keys().unwrap(), vec![key()]);
+    }
+
+    #[test]
+    fn a_corrupt_record_is_reported_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open_or_create(dir.path()).unwrap();
+        let path = store.record_path(&key());
+        store
+            .update(&key(), &mut |r| {
+                r.baseline.events = 1;
+                Ok(())
+            })
+            .unwrap();
+        fs::write(&path, b"{ not json").unwrap();
+        let err = store.update(&key(), &mut |r| {
+            r.baseline.events = 2;
+            Ok(())
+        });
+        let msg = err.unwrap_err().to_string();
+        assert!(
+            msg.contains("record.json is corrupt") && msg.contains("line 1"),
+            "{msg}"
+        );
+        assert_eq!(fs::read(&path).unwrap(), b"{ not json");
+    }
+
+    #[test]
+    fn concurrent_writers_lose_no_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open_or_create(dir.path()).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                let store = store.clone();
+                s.spawn(move || {
+                    for _ in 0..25 {
+                        store
+                            .update(&key(), &mut |r| {
+                                r.baseline.events += 1;
+                                Ok(())
+                            })
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(store.record(&key()).unwrap().unwrap().baseline.events, 100);
+        let leftovers: Vec<_> = fs::read_dir(store.dir(&key()))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+}
