@@ -447,3 +447,151 @@ impl<R: Read> Read for CountingReader<'_, R> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+    use std::io::Write;
+
+    fn data(rel: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data").join(rel)
+    }
+
+    fn run(opts: IngestOptions, paths: &[&Path]) -> (Vec<Baseline>, IngestReport) {
+        let mut ingest = Ingest::new(opts);
+        for p in paths {
+            for f in Ingest::expand(p).unwrap() {
+                ingest.read_file(&f, &mut |_| {}).unwrap();
+            }
+        }
+        ingest.finish()
+    }
+
+    fn find<'b>(baselines: &'b [Baseline], key: &str) -> &'b Baseline {
+        baselines
+            .iter()
+            .find(|b| b.key.to_string() == key)
+            .unwrap_or_else(|| panic!("no baseline {key}"))
+    }
+
+    fn x86() -> IngestOptions {
+        IngestOptions {
+            tetragon: TetragonOptions {
+                default_abi: crate::Abi::X86_64,
+                include_non_init: false,
+            },
+            strace_key: None,
+        }
+    }
+
+    #[test]
+    fn tetragon_docs_samples_parse_without_a_malformed_line() {
+        let (baselines, report) = run(x86(), &[&data("tetragon/docs-events.jsonl")]);
+        assert_eq!(report.lines, 63);
+        assert_eq!(report.malformed, 0, "{:?}", report.malformed_samples);
+        let xwing = find(&baselines, "default/pod/xwing/spaceship");
+        assert_eq!(xwing.syscall_names().collect::<Vec<_>>(), ["setgid", "setns", "setuid"]);
+        assert_eq!(xwing.nodes.len(), 3, "the docs samples come from three clusters");
+        let es = find(&baselines, "tenant-jobs/pod/elasticsearch-56f8fc6988-sh8rm/elasticsearch");
+        assert_eq!(es.syscall_names().collect::<Vec<_>>(), ["write"]);
+        // pod-template-hash label + generated name: the Deployment, not the pod.
+        let deathstar = find(&baselines, "default/deployment/deathstar/deathstar");
+        assert_eq!(deathstar.pods.len(), 2, "{:?}", deathstar.pods);
+        assert!(deathstar.processes >= 2);
+        assert_eq!(report.syscall_events, 5);
+        assert!(report.host_events > 0);
+        assert!(report.not_a_syscall > 0, "security_* kprobes are not syscalls");
+        // process_throttle, process_connect, ... are other kinds.
+        assert!(report.other_events > 0);
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+    }
+
+    const GOOD: &str = r#"{"process_kprobe":{"process":{"pod":{"namespace":"ns","name":"web-0","container":{"name":"c"},"workload":"web-0","workload_kind":"Pod"}},"function_name":"__x64_sys_read"},"node_name":"n1","time":"2024-01-01T00:00:00Z"}"#;
+
+    #[test]
+    fn malformed_lines_are_counted_with_line_numbers_and_lose_nothing_around_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("events.json");
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(GOOD.as_bytes());
+        bytes.extend_from_slice(b"\n{\"process_kprobe\": {truncated\n");
+        bytes.extend_from_slice(b"\xff\xfe not utf-8\n\n");
+        bytes.extend_from_slice(GOOD.replace("__x64_sys_read", "__x64_sys_write").as_bytes());
+        std::fs::write(&f, bytes).unwrap();
+        let (baselines, report) = run(x86(), &[&f]);
+        assert_eq!(report.malformed, 2);
+        let lines: Vec<u64> = report.malformed_samples.iter().map(|m| m.line).collect();
+        assert_eq!(lines, [2, 3]);
+        assert!(report.malformed_samples[1].reason.contains("UTF-8"));
+        assert!(report.malformed_samples[0].source.ends_with("events.json"));
+        assert_eq!(baselines[0].syscall_names().collect::<Vec<_>>(), ["read", "write"]);
+    }
+
+    #[test]
+    fn directories_of_rotated_files_and_gzip_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("tetragon.log"), GOOD);
+        let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(GOOD.replace("__x64_sys_read", "__x64_sys_openat").as_bytes()).unwrap();
+        std::fs::write(dir.path().join("tetragon.log.1.gz"), gz.finish().unwrap()).unwrap();
+        write(&dir.path().join(".hidden"), "junk");
+        let (baselines, report) = run(x86(), &[dir.path()]);
+        assert_eq!(report.inputs.len(), 2);
+        assert_eq!(report.malformed, 0);
+        assert_eq!(baselines[0].syscall_names().collect::<Vec<_>>(), ["openat", "read"]);
+    }
+
+    #[test]
+    fn dropped_events_are_reported_per_node_and_charged_to_baselines_on_that_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("e.json");
+        let drop = |node: &str, n: &str| {
+            format!(r#"{{"rate_limit_info":{{"number_of_dropped_process_events":{n}}},"node_name":"{node}","time":"2024-01-01T00:00:05Z"}}"#)
+        };
+        write(&f, &[GOOD.to_string(), drop("n1", "\"7\""), drop("n2", "3")].join("\n"));
+        let (baselines, report) = run(x86(), &[&f]);
+        assert_eq!(report.dropped_total(), 10);
+        assert_eq!(report.dropped.len(), 2);
+        assert_eq!(baselines[0].dropped_on_nodes, 7);
+    }
+
+    #[test]
+    fn strace_needs_a_key_and_ff_files_are_found_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("trace.100"), "execve(\"/bin/true\", [\"true\"], 0x7ff) = 0\nbrk(NULL) = 0x1\n+++ exited with 0 +++\n");
+        write(&dir.path().join("trace.101"), "read(0, \"\", 1) = 0\n");
+        write(&dir.path().join("trace.notes"), "not a pid file\n");
+        let prefix = dir.path().join("trace");
+        let files = Ingest::expand(&prefix).unwrap();
+        assert_eq!(files.len(), 2);
+        let mut ingest = Ingest::new(x86());
+        let err = ingest.read_file(&files[0], &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("--strace-key"), "{err}");
+
+        let key: WorkloadKey = "ns/pod/tool/main".parse().unwrap();
+        let (baselines, report) = run(
+            IngestOptions {
+                strace_key: Some(key.clone()),
+                ..x86()
+            },
+            &[&prefix],
+        );
+        assert_eq!(report.malformed, 0);
+        assert_eq!(baselines[0].key, key);
+        assert_eq!(baselines[0].syscall_names().collect::<Vec<_>>(), ["brk", "execve", "read"]);
+        assert_eq!(baselines[0].processes, 2);
+    }
+
+    #[test]
+    fn a_missing_input_is_an_error_naming_it() {
+        let mut ingest = Ingest::new(x86());
+        let err = ingest
+            .read_file(Path::new("/nonexistent/tetragon.log"), &mut |_| {})
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/tetragon.log"));
+    }
+}

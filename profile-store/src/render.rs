@@ -388,3 +388,185 @@ pub fn render<'a>(observed: impl IntoIterator<Item = &'a str>, opts: &RenderOpti
         needs_review: needs_review.into_iter().collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn opts(runtime: &str, arch: Arch, approvals: &[&str]) -> RenderOptions {
+        RenderOptions {
+            runtime: RuntimeBase::select(runtime).unwrap(),
+            arch,
+            approvals: approvals.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn data(rel: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data").join(rel)
+    }
+
+    /// Compares with a golden file; `TETHER_UPDATE_GOLDEN=1` rewrites it.
+    fn golden(name: &str, profile: &SeccompProfile) {
+        let path = data(&format!("golden/{name}.json"));
+        let mut text = serde_json::to_string_pretty(profile).unwrap();
+        text.push('\n');
+        if std::env::var_os("TETHER_UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &text).unwrap();
+        }
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (TETHER_UPDATE_GOLDEN=1 creates it)", path.display()));
+        assert_eq!(text, want, "{} differs; review, then TETHER_UPDATE_GOLDEN=1", path.display());
+    }
+
+    const WEB: [&str; 12] = [
+        "accept4", "bind", "close", "epoll_wait", "futex", "listen", "mmap", "openat", "read", "socket", "write", "clone",
+    ];
+
+    #[test]
+    fn golden_web_server_runc_x86_64() {
+        let r = render(WEB, &opts("runc@1.1", Arch::X86_64, &[]));
+        golden("web-runc-1.1-x86_64", &r.profile);
+        assert!(r.needs_review.is_empty());
+    }
+
+    #[test]
+    fn golden_dangerous_observed_without_and_with_approval_aarch64() {
+        let observed = ["read", "ptrace", "bpf", "write"];
+        let held = render(observed, &opts("runc@1.1", Arch::Aarch64, &[]));
+        golden("debugger-unapproved-aarch64", &held.profile);
+        assert_eq!(held.needs_review, ["bpf", "ptrace"]);
+        let approved = render(observed, &opts("runc@1.1", Arch::Aarch64, &["ptrace"]));
+        golden("debugger-ptrace-approved-aarch64", &approved.profile);
+        assert_eq!(approved.needs_review, ["bpf"]);
+        assert!(approved.profile.allowed().contains("ptrace"));
+        assert_ne!(held.version, approved.version);
+    }
+
+    #[test]
+    fn allowed_is_observed_plus_runtime_plus_always_allowed() {
+        let rt = opts("runc", Arch::X86_64, &[]);
+        let r = render(["read", "write"], &rt);
+        let allowed = r.profile.allowed();
+        assert!(allowed.contains("read") && allowed.contains("write"));
+        for s in ALWAYS_ALLOWED {
+            assert!(allowed.contains(s), "{s}");
+        }
+        for s in &rt.runtime.syscalls {
+            assert!(allowed.contains(s.as_str()), "{s}");
+        }
+        assert!(!allowed.contains("socket"));
+        assert_eq!(r.profile.default_action, "SCMP_ACT_ERRNO");
+        assert_eq!(r.profile.default_errno_ret, Some(EPERM));
+        assert_eq!(r.profile.architectures, ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]);
+    }
+
+    #[test]
+    fn enosys_rules_only_for_unobserved_newer_calls() {
+        let rt = opts("runc@1.1", Arch::X86_64, &[]);
+        let enosys = |p: &SeccompProfile| -> Vec<String> {
+            p.syscalls
+                .iter()
+                .filter(|r| r.errno_ret == Some(ENOSYS))
+                .flat_map(|r| r.names.clone())
+                .collect()
+        };
+        let without = render(["clone", "openat"], &rt);
+        for (new, _) in ENOSYS_FALLBACKS {
+            let allowed_by_runtime = rt.runtime.syscalls.contains(new);
+            assert_eq!(enosys(&without.profile).contains(&new.to_string()), !allowed_by_runtime, "{new}");
+        }
+        let with = render(["clone3", "openat2", "faccessat2"], &rt);
+        assert!(enosys(&with.profile).is_empty());
+        assert!(with.profile.syscalls.iter().all(|r| r.action == "SCMP_ACT_ALLOW"));
+    }
+
+    #[test]
+    fn rendering_is_deterministic_whatever_the_input_order() {
+        let rt = opts("runc", Arch::X86_64, &[]);
+        let a = render(["write", "read", "mmap", "read"], &rt);
+        let b = render(["mmap", "read", "write"], &rt);
+        assert_eq!(a.profile.canonical_json(), b.profile.canonical_json());
+        assert_eq!(a.version, b.version);
+        assert_eq!(a.version.as_str().len(), 12);
+        assert_eq!(Version::of(&a.profile.canonical_json()), a.version);
+    }
+
+    #[test]
+    fn runtime_base_sets_are_outside_the_review_gate() {
+        let crun = opts("crun", Arch::X86_64, &[]);
+        let r = render(["mount", "read"], &crun);
+        assert!(r.profile.allowed().contains("mount"));
+        assert!(r.needs_review.is_empty(), "{:?}", r.needs_review);
+    }
+
+    #[test]
+    fn log_variant_allows_and_logs_what_the_profile_denies() {
+        let r = render(["read"], &opts("runc", Arch::X86_64, &[]));
+        let log = r.profile.log_variant();
+        assert_eq!(log.default_action, "SCMP_ACT_LOG");
+        assert_eq!(log.default_errno_ret, None);
+        assert_eq!(log.syscalls, r.profile.syscalls);
+        assert_ne!(log.version(), r.version);
+    }
+
+    #[test]
+    fn runtime_selection() {
+        let all = RuntimeBase::all().unwrap();
+        assert!(all.iter().any(|b| b.runtime == "runc"));
+        let union = RuntimeBase::select("runc").unwrap();
+        for b in all.iter().filter(|b| b.runtime == "runc") {
+            assert!(b.syscalls.is_subset(&union.syscalls));
+        }
+        assert_eq!(RuntimeBase::select("runc@1.1").unwrap().version, "1.1");
+        let err = RuntimeBase::select("youki").unwrap_err().to_string();
+        assert!(err.contains("youki") && err.contains("runc@1.1"), "{err}");
+    }
+
+    #[test]
+    fn every_named_syscall_is_in_the_tables() {
+        for b in RuntimeBase::all().unwrap() {
+            for s in &b.syscalls {
+                assert!(Abi::known_name(s).is_some(), "{}@{}: {s}", b.runtime, b.version);
+            }
+        }
+        for s in DANGEROUS.iter().chain(ALWAYS_ALLOWED.iter()) {
+            assert!(Abi::known_name(s).is_some(), "{s}");
+        }
+        let mut sorted = DANGEROUS;
+        sorted.sort_unstable();
+        assert_eq!(sorted, DANGEROUS, "DANGEROUS must stay sorted for binary_search");
+    }
+
+    /// Docker's default profile (tests/data/seccomp/docker-default.json) uses the same
+    /// syscall names libseccomp resolves: every name it lists for our architectures
+    /// must be one the tables know, or observations could never match it.
+    #[test]
+    fn docker_default_profile_names_are_known() {
+        let text = std::fs::read_to_string(data("seccomp/docker-default.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut unknown = Vec::new();
+        for rule in v["syscalls"].as_array().unwrap() {
+            let arches: Vec<&str> = rule["includes"]["arches"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            let ours = arches.is_empty() || arches.iter().any(|a| ["amd64", "x86", "x32", "arm64", "arm"].contains(a));
+            for name in rule["names"].as_array().unwrap().iter().filter_map(|n| n.as_str()) {
+                if ours && Abi::known_name(name).is_none() {
+                    unknown.push(name.to_string());
+                }
+            }
+        }
+        // The known gaps: riscv64's own call (not one of our ABIs), and the ARM-private
+        // calls (`__ARM_NR_*`) with libseccomp's alias for `arm_sync_file_range`,
+        // which the `syscalls` crate's arm table leaves out. Anything else missing
+        // would be a table regression.
+        unknown.sort();
+        unknown.dedup();
+        assert_eq!(unknown, ["breakpoint", "cacheflush", "riscv_hwprobe", "set_tls", "sync_file_range2"]);
+        // Docker answers clone3 with ENOSYS too, for the same libc fallback.
+        assert!(text.contains("\"errnoRet\": 38") || text.contains("\"errnoRet\":38"));
+    }
+}
