@@ -50,7 +50,8 @@ struct StoreArgs {
 /// Machine-readable output.
 #[derive(Debug, Args, Clone, Copy)]
 struct JsonArgs {
-    /// Print JSON instead of tables, for scripts.
+    /// Print JSON for scripts: tables become arrays of objects, and `profiles show`
+    /// wraps the profile with its version metadata.
     #[arg(long, env = "TETHER_JSON")]
     json: bool,
 }

@@ -25,11 +25,10 @@ pub(crate) enum ProfilesCommand {
         /// namespace/kind/name/container
         key: WorkloadKey,
         /// A version other than the active one.
-        #[arg(long)]
+        #[arg(long, env = "TETHER_PROFILE_VERSION")]
         version: Option<Version>,
         #[command(flatten)]
         store: StoreArgs,
-        /// Print the profile with its metadata (status, review, versions) instead.
         #[command(flatten)]
         json: JsonArgs,
     },

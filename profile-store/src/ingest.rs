@@ -455,7 +455,9 @@ mod tests {
     use std::io::Write;
 
     fn data(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data").join(rel)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data")
+            .join(rel)
     }
 
     fn run(opts: IngestOptions, paths: &[&Path]) -> (Vec<Baseline>, IngestReport) {
@@ -493,7 +495,10 @@ mod tests {
         let xwing = find(&baselines, "default/pod/xwing/spaceship");
         assert_eq!(xwing.syscall_names().collect::<Vec<_>>(), ["setgid", "setns", "setuid"]);
         assert_eq!(xwing.nodes.len(), 3, "the docs samples come from three clusters");
-        let es = find(&baselines, "tenant-jobs/pod/elasticsearch-56f8fc6988-sh8rm/elasticsearch");
+        let es = find(
+            &baselines,
+            "tenant-jobs/pod/elasticsearch-56f8fc6988-sh8rm/elasticsearch",
+        );
         assert_eq!(es.syscall_names().collect::<Vec<_>>(), ["write"]);
         // pod-template-hash label + generated name: the Deployment, not the pod.
         let deathstar = find(&baselines, "default/deployment/deathstar/deathstar");
@@ -536,7 +541,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(&dir.path().join("tetragon.log"), GOOD);
         let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(GOOD.replace("__x64_sys_read", "__x64_sys_openat").as_bytes()).unwrap();
+        gz.write_all(GOOD.replace("__x64_sys_read", "__x64_sys_openat").as_bytes())
+            .unwrap();
         std::fs::write(dir.path().join("tetragon.log.1.gz"), gz.finish().unwrap()).unwrap();
         write(&dir.path().join(".hidden"), "junk");
         let (baselines, report) = run(x86(), &[dir.path()]);
@@ -550,7 +556,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("e.json");
         let drop = |node: &str, n: &str| {
-            format!(r#"{{"rate_limit_info":{{"number_of_dropped_process_events":{n}}},"node_name":"{node}","time":"2024-01-01T00:00:05Z"}}"#)
+            format!(
+                r#"{{"rate_limit_info":{{"number_of_dropped_process_events":{n}}},"node_name":"{node}","time":"2024-01-01T00:00:05Z"}}"#
+            )
         };
         write(&f, &[GOOD.to_string(), drop("n1", "\"7\""), drop("n2", "3")].join("\n"));
         let (baselines, report) = run(x86(), &[&f]);
@@ -562,7 +570,10 @@ mod tests {
     #[test]
     fn strace_needs_a_key_and_ff_files_are_found_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
-        write(&dir.path().join("trace.100"), "execve(\"/bin/true\", [\"true\"], 0x7ff) = 0\nbrk(NULL) = 0x1\n+++ exited with 0 +++\n");
+        write(
+            &dir.path().join("trace.100"),
+            "execve(\"/bin/true\", [\"true\"], 0x7ff) = 0\nbrk(NULL) = 0x1\n+++ exited with 0 +++\n",
+        );
         write(&dir.path().join("trace.101"), "read(0, \"\", 1) = 0\n");
         write(&dir.path().join("trace.notes"), "not a pid file\n");
         let prefix = dir.path().join("trace");
@@ -582,7 +593,10 @@ mod tests {
         );
         assert_eq!(report.malformed, 0);
         assert_eq!(baselines[0].key, key);
-        assert_eq!(baselines[0].syscall_names().collect::<Vec<_>>(), ["brk", "execve", "read"]);
+        assert_eq!(
+            baselines[0].syscall_names().collect::<Vec<_>>(),
+            ["brk", "execve", "read"]
+        );
         assert_eq!(baselines[0].processes, 2);
     }
 
@@ -593,5 +607,43 @@ mod tests {
             .read_file(Path::new("/nonexistent/tetragon.log"), &mut |_| {})
             .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/tetragon.log"));
+    }
+}
+
+#[cfg(test)]
+mod strace_samples {
+    use super::*;
+
+    fn names_of(path: &Path) -> (Vec<String>, IngestReport) {
+        let key: WorkloadKey = "ns/pod/sh/main".parse().unwrap();
+        let mut ingest = Ingest::new(IngestOptions {
+            tetragon: TetragonOptions {
+                default_abi: crate::Abi::X86_64,
+                include_non_init: false,
+            },
+            strace_key: Some(key),
+        });
+        for f in Ingest::expand(path).unwrap() {
+            ingest.read_file(&f, &mut |_| {}).unwrap();
+        }
+        let (baselines, report) = ingest.finish();
+        (baselines[0].syscall_names().map(str::to_string).collect(), report)
+    }
+
+    /// The same shell pipeline traced four ways (tests/data/strace/SOURCES.txt):
+    /// every line parses, and every way yields the same syscalls.
+    #[test]
+    fn real_strace_outputs_parse_cleanly_and_agree() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/strace");
+        let (plain, report) = names_of(&dir.join("sh-pipeline.trace"));
+        assert_eq!(report.malformed, 0, "{:?}", report.malformed_samples);
+        for name in ["execve", "getdents64", "pipe2", "wait4", "dup2", "exit_group"] {
+            assert!(plain.iter().any(|n| n == name), "{name} missing from {plain:?}");
+        }
+        for other in ["sh-pipeline-tt.trace", "sh-pipeline-stderr.trace", "ff/trace"] {
+            let (names, report) = names_of(&dir.join(other));
+            assert_eq!(report.malformed, 0, "{other}: {:?}", report.malformed_samples);
+            assert_eq!(names, plain, "{other}");
+        }
     }
 }

@@ -403,7 +403,9 @@ mod tests {
     }
 
     fn data(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data").join(rel)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data")
+            .join(rel)
     }
 
     /// Compares with a golden file; `TETHER_UPDATE_GOLDEN=1` rewrites it.
@@ -417,11 +419,27 @@ mod tests {
         }
         let want = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e} (TETHER_UPDATE_GOLDEN=1 creates it)", path.display()));
-        assert_eq!(text, want, "{} differs; review, then TETHER_UPDATE_GOLDEN=1", path.display());
+        assert_eq!(
+            text,
+            want,
+            "{} differs; review, then TETHER_UPDATE_GOLDEN=1",
+            path.display()
+        );
     }
 
     const WEB: [&str; 12] = [
-        "accept4", "bind", "close", "epoll_wait", "futex", "listen", "mmap", "openat", "read", "socket", "write", "clone",
+        "accept4",
+        "bind",
+        "close",
+        "epoll_wait",
+        "futex",
+        "listen",
+        "mmap",
+        "openat",
+        "read",
+        "socket",
+        "write",
+        "clone",
     ];
 
     #[test]
@@ -459,7 +477,10 @@ mod tests {
         assert!(!allowed.contains("socket"));
         assert_eq!(r.profile.default_action, "SCMP_ACT_ERRNO");
         assert_eq!(r.profile.default_errno_ret, Some(EPERM));
-        assert_eq!(r.profile.architectures, ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]);
+        assert_eq!(
+            r.profile.architectures,
+            ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+        );
     }
 
     #[test]
@@ -475,7 +496,11 @@ mod tests {
         let without = render(["clone", "openat"], &rt);
         for (new, _) in ENOSYS_FALLBACKS {
             let allowed_by_runtime = rt.runtime.syscalls.contains(new);
-            assert_eq!(enosys(&without.profile).contains(&new.to_string()), !allowed_by_runtime, "{new}");
+            assert_eq!(
+                enosys(&without.profile).contains(&new.to_string()),
+                !allowed_by_runtime,
+                "{new}"
+            );
         }
         let with = render(["clone3", "openat2", "faccessat2"], &rt);
         assert!(enosys(&with.profile).is_empty());
@@ -552,7 +577,10 @@ mod tests {
                 .as_array()
                 .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
                 .unwrap_or_default();
-            let ours = arches.is_empty() || arches.iter().any(|a| ["amd64", "x86", "x32", "arm64", "arm"].contains(a));
+            let ours = arches.is_empty()
+                || arches
+                    .iter()
+                    .any(|a| ["amd64", "x86", "x32", "arm64", "arm"].contains(a));
             for name in rule["names"].as_array().unwrap().iter().filter_map(|n| n.as_str()) {
                 if ours && Abi::known_name(name).is_none() {
                     unknown.push(name.to_string());
@@ -565,7 +593,16 @@ mod tests {
         // would be a table regression.
         unknown.sort();
         unknown.dedup();
-        assert_eq!(unknown, ["breakpoint", "cacheflush", "riscv_hwprobe", "set_tls", "sync_file_range2"]);
+        assert_eq!(
+            unknown,
+            [
+                "breakpoint",
+                "cacheflush",
+                "riscv_hwprobe",
+                "set_tls",
+                "sync_file_range2"
+            ]
+        );
         // Docker answers clone3 with ENOSYS too, for the same libc fallback.
         assert!(text.contains("\"errnoRet\": 38") || text.contains("\"errnoRet\":38"));
     }

@@ -61,6 +61,9 @@ pub struct StraceParser {
     default_abi: Abi,
     file_pid: Option<u32>,
     pid_abi: HashMap<Option<u32>, Abi>,
+    /// strace writing to stderr cuts a call's line in two with its own `strace:
+    /// Process N attached` message; the next line is the rest of the call.
+    continuation: bool,
 }
 
 impl StraceParser {
@@ -71,12 +74,19 @@ impl StraceParser {
             default_abi,
             file_pid,
             pid_abi: HashMap::new(),
+            continuation: false,
         }
     }
 
     /// Parses one line. An error is the reason the line is malformed.
     pub fn parse_line(&mut self, line: &str) -> Result<StraceEvent, String> {
-        let (pid, rest) = split_pid(line.trim_end_matches(['\n', '\r']));
+        let line = line.trim_end_matches(['\n', '\r']);
+        let continued = std::mem::replace(&mut self.continuation, false);
+        self.continuation = line.find("strace: Process ").is_some_and(|at| at > 0);
+        if continued || line.trim_start().starts_with("<unfinished ...>") {
+            return Ok(StraceEvent::Noise);
+        }
+        let (pid, rest) = split_pid(line);
         let pid = pid.or(self.file_pid);
         let rest = skip_timestamp(rest);
         if rest.is_empty() {
@@ -301,6 +311,28 @@ mod tests {
                 .contains("not a syscall name")
         );
         assert!(p.parse_line("--- nothing ---").is_err());
+    }
+
+    /// strace on stderr interleaves its own messages into a call's line.
+    #[test]
+    fn attach_messages_that_split_a_line_are_not_malformed() {
+        let mut p = StraceParser::new(Abi::X86_64, None);
+        assert_eq!(
+            p.parse_line("clone(child_stack=NULL, flags=SIGCHLDstrace: Process 1241 attached")
+                .unwrap(),
+            call(None, "clone", None)
+        );
+        assert_eq!(
+            p.parse_line(", child_tidptr=0x7f08fff88a10) = 1241").unwrap(),
+            StraceEvent::Noise
+        );
+        assert_eq!(
+            p.parse_line("vfork(strace: Process 1240 attached").unwrap(),
+            call(None, "vfork", None)
+        );
+        assert_eq!(p.parse_line(" <unfinished ...>").unwrap(), StraceEvent::Noise);
+        // Only the one line after a split is a continuation.
+        assert!(p.parse_line(", garbage").is_err());
     }
 
     #[test]

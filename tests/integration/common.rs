@@ -19,7 +19,11 @@ impl Run {
     /// Panics with both streams unless the exit code is `code`.
     #[track_caller]
     pub fn expect_code(self, code: i32) -> Run {
-        assert_eq!(self.code, code, "exit code\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, code,
+            "exit code\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 }

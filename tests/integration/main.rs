@@ -1,6 +1,9 @@
 //! Cross-crate integration tests: the `tether` binary against real files, real
 //! strace and real runc. One test binary for the whole workspace.
 
+// Test helpers outside #[test] functions panic on failure by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 mod profiles_cli;
 mod strace_to_runc;

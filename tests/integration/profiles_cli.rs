@@ -23,7 +23,12 @@ const KEY: &str = "prod/deployment/debugger/gdb";
 fn versions(store: &str) -> Vec<String> {
     let show = tether(&["profiles", "show", KEY, "--store", store, "--json"]).expect_code(0);
     let v: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
-    v["versions"].as_array().unwrap().iter().map(|m| m["version"].as_str().unwrap().to_string()).collect()
+    v["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["version"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[test]
@@ -62,7 +67,7 @@ fn review_gate_approve_diff_and_activate() {
     tether(&["profiles", "activate", KEY, &v[0], "--store", &store]).expect_code(0);
     let shown = tether(&["profiles", "show", KEY, "--store", &store]).expect_code(0);
     assert!(!shown.stdout.contains("\"ptrace\""));
-    write_events(&events, &["__x64_sys_openat"]);
+    write_events(&events, &["__x64_sys_socket"]);
     tether(&["build", "--from", events.to_str().unwrap(), "--store", &store]).expect_code(0);
     assert_eq!(versions(&store).len(), 3);
     let list = tether(&["profiles", "list", "--store", &store]).expect_code(0);
@@ -72,7 +77,11 @@ fn review_gate_approve_diff_and_activate() {
     let run = tether(&["profiles", "activate", KEY, "0123456789ab", "--store", &store]).expect_code(1);
     assert!(run.stderr.contains("has no version 0123456789ab"), "{}", run.stderr);
     let run = tether(&["profiles", "show", "prod/deployment/other/gdb", "--store", &store]).expect_code(1);
-    assert!(run.stderr.contains("no workload prod/deployment/other/gdb"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("no workload prod/deployment/other/gdb"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@ use profile_store::SeccompProfile;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
-use validator::{run_in_runc, RunSpec};
+use validator::{RunSpec, run_in_runc};
 
 const KEY: &str = "staging/pod/lister/main";
 
@@ -49,7 +49,16 @@ fn traced_names(files: &[std::path::PathBuf]) -> BTreeSet<String> {
 
 fn build_profile(dir: &Path, from: &Path) -> SeccompProfile {
     let store = store_in(dir);
-    tether(&["build", "--from", from.to_str().unwrap(), "--store", &store, "--strace-key", KEY]).expect_code(0);
+    tether(&[
+        "build",
+        "--from",
+        from.to_str().unwrap(),
+        "--store",
+        &store,
+        "--strace-key",
+        KEY,
+    ])
+    .expect_code(0);
     let shown = tether(&["profiles", "show", KEY, "--store", &store]).expect_code(0);
     serde_json::from_str(&shown.stdout).unwrap()
 }
@@ -69,15 +78,47 @@ fn profile_from_strace_allows_every_traced_syscall_and_runs_the_program_under_ru
     let traced = traced_names(&[trace]);
     assert!(traced.len() > 15, "suspiciously short trace: {traced:?}");
     for name in traced.iter().chain(runtime_base().iter()) {
-        assert!(allowed.contains(name.as_str()), "{name} traced or needed by runc but not allowed");
+        assert!(
+            allowed.contains(name.as_str()),
+            "{name} traced or needed by runc but not allowed"
+        );
     }
 
     let host = Command::new(PROGRAM[0]).args(&PROGRAM[1..]).output().unwrap();
-    let mut spec = RunSpec::new(PROGRAM);
+    // Kubernetes' default (no_new_privileges false) loads the filter earlier in runc
+    // than allowPrivilegeEscalation: false does; both must work.
+    for no_new_privileges in [false, true] {
+        let mut spec = RunSpec::new(PROGRAM);
+        spec.profile = Some(profile.clone());
+        spec.no_new_privileges = no_new_privileges;
+        let run = run_in_runc(&spec).unwrap();
+        assert!(run.success(), "NNP={no_new_privileges}: {:?}\n{}", run.exit, run.stderr);
+        assert_eq!(
+            run.stdout,
+            String::from_utf8_lossy(&host.stdout),
+            "same output as on the host"
+        );
+    }
+}
+
+/// runc 1.1 checks that /proc/self/fd is on procfs after loading the filter: a base
+/// set without `fstatfs` cannot start any container.
+#[test]
+fn runc_base_set_without_fstatfs_fails_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = strace(dir.path(), false, &["/bin/true"]);
+    let mut profile = build_profile(dir.path(), &trace);
+    assert!(profile.allowed().contains("fstatfs"));
+    profile.syscalls[0].names.retain(|n| n != "fstatfs");
+    let mut spec = RunSpec::new(["/bin/true"]);
     spec.profile = Some(profile);
     let run = run_in_runc(&spec).unwrap();
-    assert!(run.success(), "under the profile: {:?}\n{}", run.exit, run.stderr);
-    assert_eq!(run.stdout, String::from_utf8_lossy(&host.stdout), "same output as on the host");
+    assert!(!run.success());
+    assert!(
+        run.stderr.contains("ensure /proc/self/fd is on procfs"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -97,11 +138,17 @@ fn a_profile_that_lacks_what_the_program_needs_breaks_it_under_runc() {
     // Learn from `true`, then run `ls`: getdents64 and friends are not allowed.
     let trace = strace(dir.path(), false, &["/bin/true"]);
     let profile = build_profile(dir.path(), &trace);
-    assert!(!profile.allowed().contains("getdents64"));
+    let ls_trace = strace(&dir.path().join("ls").tap_mkdir(), false, &PROGRAM);
+    let allowed = profile.allowed();
+    let lacking: Vec<String> = traced_names(&[ls_trace])
+        .into_iter()
+        .filter(|n| !allowed.contains(n.as_str()))
+        .collect();
+    assert!(!lacking.is_empty(), "ls needs nothing beyond what true does?");
     let mut spec = RunSpec::new(PROGRAM);
     spec.profile = Some(profile.clone());
     let run = run_in_runc(&spec).unwrap();
-    assert!(!run.success(), "ls ran under a profile learned from `true`: {}", run.stdout);
+    assert!(!run.success(), "ls ran without {lacking:?}: {}", run.stdout);
     // And the same profile is enough for `true` itself.
     let mut spec = RunSpec::new(["/bin/true"]);
     spec.profile = Some(profile);

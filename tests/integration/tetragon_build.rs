@@ -17,13 +17,22 @@ fn build_prints_a_baseline_for_each_workload_in_the_docs_samples() {
         assert!(run.stdout.contains(key), "{key} missing from:\n{}", run.stdout);
     }
     // setns is dangerous: held for review, not allowed.
-    let xwing = run.stdout.lines().find(|l| l.starts_with("default/pod/xwing/spaceship")).unwrap();
+    let xwing = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("default/pod/xwing/spaceship"))
+        .unwrap();
     assert!(xwing.contains("setns"), "{xwing}");
     assert!(run.stderr.contains("63 lines"), "{}", run.stderr);
 
     let profile = tether(&["profiles", "show", "default/pod/xwing/spaceship", "--store", &store]).expect_code(0);
     let p: serde_json::Value = serde_json::from_str(&profile.stdout).unwrap();
-    let allowed: Vec<&str> = p["syscalls"][0]["names"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let allowed: Vec<&str> = p["syscalls"][0]["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert!(allowed.contains(&"setuid") && allowed.contains(&"setgid"));
     assert!(!allowed.contains(&"setns"));
 }
@@ -51,7 +60,12 @@ fn build_twice_with_the_same_input_keeps_the_version_and_doubles_the_counts() {
     assert_eq!(first["report"]["malformed"], 0);
     let list = tether(&["profiles", "list", "--store", &store, "--json"]).expect_code(0);
     let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
-    let xwing = list.as_array().unwrap().iter().find(|w| w["key"] == "default/pod/xwing/spaceship").unwrap();
+    let xwing = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["key"] == "default/pod/xwing/spaceship")
+        .unwrap();
     assert_eq!(xwing["versions"], 1);
 }
 
@@ -91,7 +105,16 @@ fn a_missing_input_fails_before_the_store_is_touched() {
 
 #[test]
 fn usage_errors_exit_2_and_name_the_problem() {
-    let run = tether(&["build", "--from", "x", "--store", "y", "--strace-key", "default/deployment/Bad"]).expect_code(2);
+    let run = tether(&[
+        "build",
+        "--from",
+        "x",
+        "--store",
+        "y",
+        "--strace-key",
+        "default/deployment/Bad",
+    ])
+    .expect_code(2);
     assert!(run.stderr.contains("namespace/kind/name/container"), "{}", run.stderr);
     let run = tether(&["build", "--from", "x", "--store", "y", "--runtime", "youki"]).expect_code(1);
     assert!(run.stderr.contains("unknown runtime `youki`"), "{}", run.stderr);

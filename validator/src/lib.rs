@@ -10,4 +10,4 @@
 
 pub mod runc;
 
-pub use runc::{run_in_runc, runc_path, Exit, RunOutcome, RunSpec, ValidatorError};
+pub use runc::{Exit, RunOutcome, RunSpec, ValidatorError, run_in_runc, runc_path};

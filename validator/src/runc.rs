@@ -1,7 +1,7 @@
 //! Running one command in a runc container with an optional seccomp profile.
 
 use profile_store::SeccompProfile;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -111,9 +111,7 @@ const CAPS: [&str; 3] = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
 pub fn oci_config(spec: &RunSpec, rootfs: &Path) -> Value {
     let mut caps: Vec<String> = CAPS.iter().map(|c| c.to_string()).collect();
     caps.extend(spec.extra_capabilities.iter().cloned());
-    let bind_ro = |dir: &str| {
-        json!({"destination": dir, "type": "bind", "source": dir, "options": ["rbind", "ro", "nosuid", "nodev"]})
-    };
+    let bind_ro = |dir: &str| json!({"destination": dir, "type": "bind", "source": dir, "options": ["rbind", "ro", "nosuid", "nodev"]});
     let mut linux = json!({
         "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
         "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
@@ -156,7 +154,12 @@ fn make_rootfs(rootfs: &Path) -> Result<(), ValidatorError> {
     for dir in ["usr", "etc", "proc", "dev", "sys", "tmp"] {
         std::fs::create_dir_all(rootfs.join(dir)).map_err(io(format!("creating {}", rootfs.join(dir).display())))?;
     }
-    for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+    for (link, target) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
         // Only where the host has the directory: /usr/lib64 is absent on some.
         if Path::new("/").join(target).exists() {
             std::os::unix::fs::symlink(target, rootfs.join(link)).map_err(io(format!("linking /{link}")))?;
@@ -183,7 +186,11 @@ pub fn run_in_runc(spec: &RunSpec) -> Result<RunOutcome, ValidatorError> {
     let config = oci_config(spec, &rootfs);
     std::fs::write(bundle.join("config.json"), config.to_string()).map_err(io("writing config.json"))?;
     let state = work.path().join("state");
-    let id = format!("tether-{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+    let id = format!(
+        "tether-{}-{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    );
 
     let mut child = Command::new(&runc)
         .arg("--root")
