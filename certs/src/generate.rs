@@ -154,10 +154,9 @@ impl Pki {
             ("tls.crt", &self.cert, 0o644),
             ("tls.key", &self.key, 0o600),
         ];
-        if !force {
-            if let Some(existing) = files.iter().map(|(n, _, _)| dir.join(n)).find(|p| p.exists()) {
-                return Err(CertError::Exists(existing));
-            }
+        let existing = files.iter().map(|(n, _, _)| dir.join(n)).find(|p| p.exists());
+        if let Some(existing) = existing.filter(|_| !force) {
+            return Err(CertError::Exists(existing));
         }
         std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
             path: dir.to_path_buf(),

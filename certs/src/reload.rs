@@ -321,4 +321,30 @@ mod tests {
         let expiry = metrics.expiry_seconds.get();
         assert!(expiry > 9.0 * 86_400.0 && expiry <= 10.0 * 86_400.0, "{expiry}");
     }
+
+    /// A change the directory watch cannot see (the files are symlinks into a
+    /// directory that is not watched) is still picked up by polling.
+    #[tokio::test]
+    async fn polling_catches_what_the_directory_watch_misses() {
+        let watched = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let pki = for_service("s", "n", &[], 10).unwrap();
+        let (real_c, real_k) = (elsewhere.path().join("c.pem"), elsewhere.path().join("k.pem"));
+        std::fs::write(&real_c, &pki.cert).unwrap();
+        std::fs::write(&real_k, &pki.key).unwrap();
+        let (c, k) = (watched.path().join("tls.crt"), watched.path().join("tls.key"));
+        std::os::unix::fs::symlink(&real_c, &c).unwrap();
+        std::os::unix::fs::symlink(&real_k, &k).unwrap();
+        let r = ReloadingResolver::new(&c, &k, CertMetrics::default()).unwrap();
+        let original = serial(&r);
+        let _watch = r.watch(Duration::from_millis(200));
+        let other = for_service("s", "n", &[], 10).unwrap();
+        std::fs::write(&real_c, &other.cert).unwrap();
+        std::fs::write(&real_k, &other.key).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while serial(&r) == original && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_ne!(serial(&r), original, "the poll backstop did not reload");
+    }
 }

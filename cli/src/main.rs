@@ -1,6 +1,7 @@
 //! The `tether` command: wires the libraries together. No domain logic lives here.
 
 mod build;
+mod certs;
 mod profiles;
 mod table;
 
@@ -37,6 +38,10 @@ enum Command {
     /// Inspect and manage stored profiles.
     #[command(subcommand)]
     Profiles(profiles::ProfilesCommand),
+    /// Create the webhook's certificates and put its CA into the webhook
+    /// configurations.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 /// The store every command works on.
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Build(args) => build::run(args),
         Command::Profiles(cmd) => profiles::run(cmd),
+        Command::Certs(cmd) => certs::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

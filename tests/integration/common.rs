@@ -41,8 +41,17 @@ pub fn tether(args: &[&str]) -> Run {
     tether_stdin(args, None)
 }
 
+/// Runs `tether ARGS` with extra environment variables.
+pub fn tether_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    run_tether(args, None, env)
+}
+
 /// Runs `tether ARGS` feeding `stdin`.
 pub fn tether_stdin(args: &[&str], stdin: Option<&[u8]>) -> Run {
+    run_tether(args, stdin, &[])
+}
+
+fn run_tether(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
     cmd.args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -53,6 +62,7 @@ pub fn tether_stdin(args: &[&str], stdin: Option<&[u8]>) -> Run {
             cmd.env_remove(k);
         }
     }
+    cmd.envs(env.iter().copied());
     let mut child = cmd.spawn().expect("spawn tether");
     if let Some(bytes) = stdin {
         use std::io::Write;

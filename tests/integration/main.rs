@@ -4,7 +4,10 @@
 // Test helpers outside #[test] functions panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod certs_rotation;
 mod common;
+mod e2e;
 mod profiles_cli;
 mod strace_to_runc;
 mod tetragon_build;
+mod tls;
