@@ -220,3 +220,70 @@ async fn with_a_client_ca_only_clients_with_a_certificate_from_it_connect() {
         "a client with a certificate from another CA got through"
     );
 }
+
+/// Runs `openssl s_client` with `flags` against `port`; returns (success, output).
+fn s_client(port: u16, flags: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            "localhost",
+        ])
+        .args(flags)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_tls_1_2_and_1_3_and_alpn_offers_h2_and_http_1_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = for_service("tether-webhook", "tether-system", &["localhost".into()], 30).unwrap();
+    pki.write(dir.path(), false).unwrap();
+    let resolver = ReloadingResolver::new(
+        &dir.path().join("tls.crt"),
+        &dir.path().join("tls.key"),
+        CertMetrics::default(),
+    )
+    .unwrap();
+    let server = serve(certs::tls::server_config(resolver, None).unwrap()).await;
+    let port = server.addr.port();
+    let result = tokio::task::spawn_blocking(move || {
+        // SECLEVEL=0 lets OpenSSL 3 offer the old versions at all, so a refusal is the server's.
+        let old: Vec<(bool, String)> = ["-tls1", "-tls1_1"]
+            .iter()
+            .map(|v| s_client(port, &[v, "-cipher", "DEFAULT@SECLEVEL=0"]))
+            .collect();
+        let v12 = s_client(port, &["-tls1_2", "-alpn", "http/1.1"]);
+        let v13 = s_client(port, &["-tls1_3", "-alpn", "h2,http/1.1"]);
+        (old, v12, v13)
+    })
+    .await
+    .unwrap();
+    let (old, v12, v13) = result;
+    for (ok, text) in old {
+        assert!(!ok, "an old TLS version was accepted:\n{text}");
+        // The server answered the ClientHello with an alert (rustls sends
+        // handshake_failure or protocol_version): the refusal is the server's.
+        assert!(
+            text.contains("alert handshake failure") || text.contains("alert protocol version"),
+            "not refused by the server:\n{text}"
+        );
+    }
+    assert!(
+        v12.1.contains("Protocol  : TLSv1.2") || v12.1.contains("TLSv1.2"),
+        "{}",
+        v12.1
+    );
+    assert!(v12.1.contains("ALPN protocol: http/1.1"), "{}", v12.1);
+    assert!(v13.1.contains("TLSv1.3"), "{}", v13.1);
+    assert!(v13.1.contains("ALPN protocol: h2"), "{}", v13.1);
+}
