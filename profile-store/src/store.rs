@@ -419,6 +419,34 @@ impl ProfileStore for FsStore {
     }
 }
 
+/// The `localhostProfile` of a version, relative to the kubelet's seccomp root:
+/// `tether/<namespace>/<kind>/<name>/<container>-<version>.json`. Safe as a path:
+/// every component of a key is validated.
+pub fn localhost_profile(key: &WorkloadKey, version: &Version) -> String {
+    format!(
+        "tether/{}/{}/{}/{}-{version}.json",
+        key.namespace(),
+        key.kind(),
+        key.name(),
+        key.container()
+    )
+}
+
+/// The key and version a `localhostProfile` under `tether/` names; `None` for a
+/// path that [`localhost_profile`] could not have produced (including any `..`).
+pub fn parse_localhost_profile(path: &str) -> Option<(WorkloadKey, Version)> {
+    let rest = path.strip_prefix("tether/")?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let [ns, kind, name, file] = parts.as_slice() else {
+        return None;
+    };
+    let (container, version) = file.strip_suffix(".json")?.rsplit_once('-')?;
+    let key = WorkloadKey::new(ns, kind, name, container).ok()?;
+    // Kinds are lower case in paths; reject other spellings rather than alias them.
+    (key.kind() == *kind).then_some(())?;
+    Some((key, version.parse().ok()?))
+}
+
 /// What [`render_version`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderOutcome {
@@ -503,6 +531,26 @@ mod tests {
                 approvals: BTreeSet::new(),
             },
         )
+    }
+
+    #[test]
+    fn localhost_paths_round_trip_and_reject_everything_else() {
+        let r = rendered(&["read"]);
+        let path = localhost_profile(&key(), &r.version);
+        assert_eq!(path, format!("tether/ns/deployment/app/c-{}.json", r.version));
+        assert_eq!(parse_localhost_profile(&path), Some((key(), r.version.clone())));
+        let v = r.version.as_str();
+        for bad in [
+            format!("tether/ns/deployment/app/c-{v}"),
+            format!("tether/ns/deployment/../c-{v}.json"),
+            format!("tether/ns/Deployment/app/c-{v}.json"),
+            format!("tether/ns/deployment/app/sub/c-{v}.json"),
+            format!("other/ns/deployment/app/c-{v}.json"),
+            "tether/ns/deployment/app/c-nothex.json".to_string(),
+            format!("tether/../../etc/c-{v}.json"),
+        ] {
+            assert_eq!(parse_localhost_profile(&bad), None, "{bad}");
+        }
     }
 
     #[test]

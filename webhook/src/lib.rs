@@ -1,7 +1,18 @@
 //! tether's admission webhook.
 //!
-//! Empty until the webhook issue: it will hold the pure `decide` function over a pod,
-//! the namespace policy and a profile lookup, the JSON-patch rendering, and the axum
-//! router. Workload keys at admission come from
-//! [`profile_store::key::key_at_admission`], which is already tested against the
-//! Tetragon side.
+//! Handlers are thin: [`review::Admission`] parses an AdmissionReview and calls the
+//! pure functions of [`decide`] (what to inject, what to refuse) and [`patch`] (the
+//! JSON patch); [`server`] puts them behind axum on rustls. Admission reads only
+//! the in-memory [`index`], never the disk or the network.
+
+pub mod decide;
+pub mod index;
+pub mod metrics;
+pub mod patch;
+pub mod policy;
+pub mod review;
+pub mod server;
+
+pub use index::{Index, Lookup, SharedIndex};
+pub use policy::{Mode, OnMissing, Policy};
+pub use review::Admission;

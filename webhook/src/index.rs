@@ -1,0 +1,141 @@
+//! The in-memory index admission reads: workload key -> active version and fallback
+//! state. Built from the store off the request path and swapped whole, so admission
+//! never touches disk or network.
+
+use profile_store::store::WorkloadRecord;
+use profile_store::{ProfileStore, StoreError, Version, WorkloadKey};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime};
+
+/// What admission needs to know about one workload container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The active version, if any.
+    pub active: Option<Version>,
+    /// The Log-mode variant of the active version (the fallback where Pod
+    /// Security forbids Unconfined).
+    pub log_variant: Option<Version>,
+    /// Set while the workload is in fallback: the reason.
+    pub fallback: Option<String>,
+    /// Every version a pod may legitimately reference (all stored versions and
+    /// their Log-mode variants).
+    pub known: HashSet<Version>,
+}
+
+/// Answers admission's questions about workloads.
+pub trait Lookup: Send + Sync {
+    /// The entry of `key`, if the store has one.
+    fn entry(&self, key: &WorkloadKey) -> Option<&Entry>;
+}
+
+/// An immutable snapshot of the store.
+#[derive(Debug, Default)]
+pub struct Index {
+    entries: HashMap<WorkloadKey, Entry>,
+    /// When the snapshot was taken.
+    pub loaded_at: Option<SystemTime>,
+    /// How many versions it knows.
+    pub versions: usize,
+}
+
+impl Lookup for Index {
+    fn entry(&self, key: &WorkloadKey) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+}
+
+impl Index {
+    /// An index over `entries` (for tests and embedding).
+    pub fn from_entries(entries: impl IntoIterator<Item = (WorkloadKey, Entry)>) -> Index {
+        let entries: HashMap<_, _> = entries.into_iter().collect();
+        Index {
+            versions: entries.values().map(|e| e.known.len()).sum(),
+            entries,
+            loaded_at: Some(SystemTime::now()),
+        }
+    }
+
+    /// Workloads in fallback.
+    pub fn in_fallback(&self) -> usize {
+        self.entries.values().filter(|e| e.fallback.is_some()).count()
+    }
+
+    /// Builds a snapshot of `store`. Log-mode variants are computed from the active
+    /// profiles, reusing `previous` for versions it already knows.
+    pub fn load(store: &dyn ProfileStore, previous: Option<&Index>) -> Result<Index, StoreError> {
+        let mut entries = HashMap::new();
+        for key in store.keys()? {
+            let Some(record) = store.record(&key)? else { continue };
+            let entry = Self::entry_of(store, &key, &record, previous.and_then(|p| p.entries.get(&key)))?;
+            entries.insert(key, entry);
+        }
+        Ok(Index::from_entries(entries))
+    }
+
+    fn entry_of(
+        store: &dyn ProfileStore,
+        key: &WorkloadKey,
+        record: &WorkloadRecord,
+        previous: Option<&Entry>,
+    ) -> Result<Entry, StoreError> {
+        let active = record.active().map(|m| m.version.clone());
+        let log_variant = match (&active, previous) {
+            (Some(a), Some(p)) if p.active.as_ref() == Some(a) => p.log_variant.clone(),
+            (Some(a), _) => Some(store.profile(key, a)?.log_variant().version()),
+            (None, _) => None,
+        };
+        let mut known: HashSet<Version> = record.state.versions.iter().map(|v| v.version.clone()).collect();
+        known.extend(log_variant.iter().cloned());
+        Ok(Entry {
+            active,
+            log_variant,
+            fallback: record.state.fallback.as_ref().map(|f| f.reason.clone()),
+            known,
+        })
+    }
+}
+
+/// The index in service, swapped atomically when the store changes.
+#[derive(Debug, Default)]
+pub struct SharedIndex {
+    current: RwLock<Arc<Index>>,
+    /// The last load error, while the index in service is older than the store.
+    last_error: RwLock<Option<String>>,
+    loaded: RwLock<Option<Instant>>,
+}
+
+impl SharedIndex {
+    /// The snapshot in service.
+    pub fn get(&self) -> Arc<Index> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether any snapshot was loaded, and the last load error if the newest failed.
+    pub fn health(&self) -> (bool, Option<String>) {
+        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner()).is_some();
+        (
+            loaded,
+            self.last_error.read().unwrap_or_else(|e| e.into_inner()).clone(),
+        )
+    }
+
+    /// Reloads from `store`; on failure the previous snapshot stays in service and
+    /// the error is kept for readiness and metrics.
+    pub fn refresh(&self, store: &dyn ProfileStore) -> Result<Arc<Index>, StoreError> {
+        let previous = self.get();
+        match Index::load(store, Some(&previous)) {
+            Ok(index) => {
+                let index = Arc::new(index);
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = index.clone();
+                *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
+                *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                Ok(index)
+            }
+            Err(e) => {
+                *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Prometheus metrics of the webhook (prefix `tether_`).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+/// Which endpoint answered.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Endpoint {
+    /// `/mutate`.
+    mutate,
+    /// `/validate`.
+    validate,
+}
+
+/// What the answer was.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    /// Allowed without changes (including requests tether does not handle).
+    allowed,
+    /// Allowed with a patch.
+    patched,
+    /// Allowed, with warnings of what enforce would do or refuse (dry-run).
+    warned,
+    /// Denied.
+    denied,
+    /// The request could not be read (HTTP 400).
+    invalid,
+}
+
+/// Labels of admission requests.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// The admission operation (`CREATE`, `UPDATE`, ... or `unknown`).
+    pub operation: String,
+    /// The namespace mode (`enforce`, `dry-run`, `off`, or `none` when not applicable).
+    pub mode: String,
+    /// The outcome.
+    pub decision: Outcome,
+}
+
+/// Labels of injections.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InjectionLabels {
+    /// `Localhost`, `RuntimeDefault`, `Unconfined`, or `Log` (fallback variant).
+    pub profile: String,
+}
+
+/// Labels of exemptions.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExemptionLabels {
+    /// `honored` or `refused`.
+    pub result: String,
+}
+
+/// The webhook's metrics; cloning shares them.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Admission requests by endpoint, operation, mode and decision.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to answer an admission request.
+    pub duration: Family<EndpointLabel, Histogram, fn() -> Histogram>,
+    /// Profiles set on containers, by kind.
+    pub injections: Family<InjectionLabels, Counter>,
+    /// Exemptions honored and refused.
+    pub exemptions: Family<ExemptionLabels, Counter>,
+    /// Workloads in fallback in the index.
+    pub workloads_in_fallback: Gauge,
+    /// Versions the index knows.
+    pub store_versions: Gauge,
+    /// Seconds since the index was last loaded.
+    pub index_age_seconds: Gauge<f64, AtomicU64>,
+    /// Failed index loads (the previous index stays in service).
+    pub index_load_failures: Counter,
+    /// Certificate metrics.
+    pub certs: certs::CertMetrics,
+}
+
+/// Label of the latency histogram.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~0.8 s: admission answers are sub-millisecond; the API server's
+    // timeout is seconds.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00005, 2.0, 15,
+    ))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            injections: Family::default(),
+            exemptions: Family::default(),
+            workloads_in_fallback: Gauge::default(),
+            store_versions: Gauge::default(),
+            index_age_seconds: Gauge::default(),
+            index_load_failures: Counter::default(),
+            certs: certs::CertMetrics::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric, prefixed `tether`.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("tether");
+        r.register(
+            "admission_requests",
+            "Admission requests by endpoint, operation, mode and decision",
+            self.requests.clone(),
+        );
+        r.register(
+            "admission_duration_seconds",
+            "Time to answer an admission request",
+            self.duration.clone(),
+        );
+        r.register(
+            "injections",
+            "Seccomp profiles set on containers, by profile type",
+            self.injections.clone(),
+        );
+        r.register("exemptions", "Exemptions honored and refused", self.exemptions.clone());
+        r.register(
+            "workloads_in_fallback",
+            "Workloads running under their fallback",
+            self.workloads_in_fallback.clone(),
+        );
+        r.register(
+            "store_versions",
+            "Profile versions in the admission index",
+            self.store_versions.clone(),
+        );
+        r.register(
+            "index_age_seconds",
+            "Seconds since the admission index was loaded",
+            self.index_age_seconds.clone(),
+        );
+        r.register(
+            "index_load_failures",
+            "Failed loads of the admission index (the previous one stays)",
+            self.index_load_failures.clone(),
+        );
+        self.certs.register(&mut r);
+        r
+    }
+
+    /// Starts timing a request; the time is recorded when the guard drops.
+    pub fn timer(&self, endpoint: Endpoint) -> Timer<'_> {
+        Timer {
+            metrics: self,
+            endpoint,
+            start: Instant::now(),
+        }
+    }
+}
+
+/// Records a request's duration when dropped.
+pub struct Timer<'m> {
+    metrics: &'m Metrics,
+    endpoint: Endpoint,
+    start: Instant,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .duration
+            .get_or_create(&EndpointLabel {
+                endpoint: self.endpoint,
+            })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,306 @@
+//! AdmissionReview in, AdmissionReview out: parse, call the pure decision
+//! functions, build the answer from `AdmissionResponse::from(&request)` so the uid
+//! is kept. No HTTP here.
+
+use crate::decide::{Action, Decision, Exemption, FallbackProfile, decide, validate};
+use crate::index::SharedIndex;
+use crate::metrics::{Endpoint, ExemptionLabels, InjectionLabels, Metrics, Outcome, RequestLabels};
+use crate::patch::{describe, mutation_patch};
+use crate::policy::{Mode, Policy};
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Why a request body cannot be answered (HTTP 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreadable(pub String);
+
+/// Everything admission needs; shared by the handlers.
+#[derive(Debug)]
+pub struct Admission {
+    /// The policy.
+    pub policy: Policy,
+    /// The index in service.
+    pub index: Arc<SharedIndex>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+enum Parsed {
+    /// A Pod CREATE: what tether acts on.
+    PodCreate(Box<AdmissionRequest<Pod>>),
+    /// Anything else: answered allowed and untouched.
+    Other(Box<AdmissionRequest<DynamicObject>>),
+}
+
+fn parse(body: &[u8]) -> Result<Parsed, Unreadable> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| Unreadable(format!("the body is not JSON: {e}")))?;
+    let (api, kind) = (v["apiVersion"].as_str(), v["kind"].as_str());
+    if api != Some("admission.k8s.io/v1") || kind != Some("AdmissionReview") {
+        return Err(Unreadable(format!(
+            "expected kind AdmissionReview, apiVersion admission.k8s.io/v1 (set admissionReviewVersions: [v1]); got kind {}, apiVersion {}",
+            kind.unwrap_or("(none)"),
+            api.unwrap_or("(none)")
+        )));
+    }
+    let request = &v["request"];
+    if !request.is_object() {
+        return Err(Unreadable("the AdmissionReview has no request".into()));
+    }
+    let is_pod_create = request["kind"]["group"].as_str().unwrap_or_default().is_empty()
+        && request["kind"]["kind"] == "Pod"
+        && request["operation"] == "CREATE"
+        && request["subResource"].as_str().unwrap_or_default().is_empty();
+    if is_pod_create {
+        let review: AdmissionReview<Pod> =
+            serde_json::from_value(v).map_err(|e| Unreadable(format!("the Pod in the request does not parse: {e}")))?;
+        let req: AdmissionRequest<Pod> = review
+            .try_into()
+            .map_err(|_| Unreadable("the AdmissionReview has no request".into()))?;
+        return Ok(Parsed::PodCreate(Box::new(req)));
+    }
+    // The objects of requests tether does not act on are not needed (and may be
+    // any kind): only the envelope is read.
+    if let Some(r) = v["request"].as_object_mut() {
+        r.remove("object");
+        r.remove("oldObject");
+    }
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_value(v).map_err(|e| Unreadable(format!("the AdmissionReview does not parse: {e}")))?;
+    let req: AdmissionRequest<DynamicObject> = review
+        .try_into()
+        .map_err(|_| Unreadable("the AdmissionReview has no request".into()))?;
+    Ok(Parsed::Other(Box::new(req)))
+}
+
+fn operation_of<T: kube::Resource>(req: &AdmissionRequest<T>) -> String {
+    format!("{:?}", req.operation).to_uppercase()
+}
+
+impl Admission {
+    fn count(&self, endpoint: Endpoint, operation: &str, mode: Option<Mode>, decision: Outcome) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                operation: operation.to_string(),
+                mode: mode.map_or("none", Mode::as_str).to_string(),
+                decision,
+            })
+            .inc();
+    }
+
+    /// Answers `/mutate`.
+    pub fn mutate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
+        let _timer = self.metrics.timer(Endpoint::mutate);
+        let start = Instant::now();
+        let req = match parse(body) {
+            Ok(Parsed::PodCreate(req)) => req,
+            Ok(Parsed::Other(req)) => {
+                self.count(Endpoint::mutate, &operation_of(&req), None, Outcome::allowed);
+                return Ok(AdmissionResponse::from(&*req).into_review());
+            }
+            Err(e) => {
+                self.count(Endpoint::mutate, "unknown", None, Outcome::invalid);
+                return Err(e);
+            }
+        };
+        let namespace = req.namespace.clone().unwrap_or_default();
+        let view = self.policy.namespace(&namespace, None);
+        let mut res = AdmissionResponse::from(&*req);
+        let Some(pod) = req.object.as_ref() else {
+            return Err(Unreadable("the Pod CREATE request has no object".into()));
+        };
+        if view.mode == Mode::Off {
+            self.count(Endpoint::mutate, "CREATE", Some(Mode::Off), Outcome::allowed);
+            return Ok(res.into_review());
+        }
+        let index = self.index.get();
+        let decision = decide(pod, &namespace, &view, self.policy.on_missing, &*index);
+        self.count_exemption(&decision);
+        let mut warnings = decision.warnings.clone();
+        let outcome = match view.mode {
+            Mode::Enforce => {
+                let (patch, more) = mutation_patch(pod, &decision);
+                warnings.extend(more);
+                for (_, profile) in decision.changes() {
+                    self.count_injection(&profile);
+                }
+                res.audit_annotations.extend(audit(&decision));
+                if patch.0.is_empty() {
+                    Outcome::allowed
+                } else {
+                    res = res
+                        .with_patch(patch)
+                        .map_err(|e| Unreadable(format!("cannot serialize the patch: {e}")))?;
+                    Outcome::patched
+                }
+            }
+            Mode::DryRun | Mode::Off => {
+                let would = describe(&decision);
+                if !would.is_empty() {
+                    res.audit_annotations.insert("dry-run".into(), would.join("; "));
+                }
+                warnings.extend(would.into_iter().map(|w| format!("tether dry-run: {w}")));
+                if warnings.is_empty() {
+                    Outcome::allowed
+                } else {
+                    Outcome::warned
+                }
+            }
+        };
+        if !warnings.is_empty() {
+            res.warnings = Some(warnings);
+        }
+        self.count(Endpoint::mutate, "CREATE", Some(view.mode), outcome);
+        tracing::info!(
+            endpoint = "mutate",
+            uid = %req.uid,
+            namespace = %namespace,
+            workload = %workload(&decision),
+            mode = %view.mode,
+            decision = ?outcome,
+            dry_run = req.dry_run,
+            duration_us = start.elapsed().as_micros() as u64,
+            "admission"
+        );
+        Ok(res.into_review())
+    }
+
+    /// Answers `/validate`.
+    pub fn validate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
+        let _timer = self.metrics.timer(Endpoint::validate);
+        let start = Instant::now();
+        let req = match parse(body) {
+            Ok(Parsed::PodCreate(req)) => req,
+            Ok(Parsed::Other(req)) => {
+                self.count(Endpoint::validate, &operation_of(&req), None, Outcome::allowed);
+                return Ok(AdmissionResponse::from(&*req).into_review());
+            }
+            Err(e) => {
+                self.count(Endpoint::validate, "unknown", None, Outcome::invalid);
+                return Err(e);
+            }
+        };
+        let namespace = req.namespace.clone().unwrap_or_default();
+        let view = self.policy.namespace(&namespace, None);
+        let mut res = AdmissionResponse::from(&*req);
+        let Some(pod) = req.object.as_ref() else {
+            return Err(Unreadable("the Pod CREATE request has no object".into()));
+        };
+        let problems = if view.mode == Mode::Off {
+            Vec::new()
+        } else {
+            validate(pod, &namespace, &view, &*self.index.get())
+        };
+        let outcome = match (view.mode, problems.is_empty()) {
+            (_, true) => Outcome::allowed,
+            (Mode::Enforce, false) => {
+                res = res.deny(format!("tether: {}", problems.join("; ")));
+                res.audit_annotations.insert("denied".into(), problems.join("; "));
+                Outcome::denied
+            }
+            (_, false) => {
+                res.warnings = Some(
+                    problems
+                        .iter()
+                        .map(|p| format!("tether dry-run would deny: {p}"))
+                        .collect(),
+                );
+                res.audit_annotations.insert("dry-run-deny".into(), problems.join("; "));
+                Outcome::warned
+            }
+        };
+        self.count(Endpoint::validate, "CREATE", Some(view.mode), outcome);
+        tracing::info!(
+            endpoint = "validate",
+            uid = %req.uid,
+            namespace = %namespace,
+            mode = %view.mode,
+            decision = ?outcome,
+            problems = problems.len(),
+            duration_us = start.elapsed().as_micros() as u64,
+            "admission"
+        );
+        Ok(res.into_review())
+    }
+
+    fn count_exemption(&self, d: &Decision) {
+        let result = match &d.exemption {
+            Exemption::Honored { reason, .. } => {
+                tracing::warn!(reason = %reason, workload = %workload(d), "seccomp exemption honored");
+                "honored"
+            }
+            Exemption::Refused { message } => {
+                tracing::warn!(%message, workload = %workload(d), "seccomp exemption refused");
+                "refused"
+            }
+            Exemption::None => return,
+        };
+        self.metrics
+            .exemptions
+            .get_or_create(&ExemptionLabels { result: result.into() })
+            .inc();
+    }
+
+    fn count_injection(&self, profile: &k8s_openapi::api::core::v1::SeccompProfile) {
+        self.metrics
+            .injections
+            .get_or_create(&InjectionLabels {
+                profile: profile.type_.clone(),
+            })
+            .inc();
+    }
+}
+
+/// The workload of the pod's first container, for log lines (`-` when none).
+fn workload(d: &Decision) -> String {
+    d.containers
+        .first()
+        .and_then(|c| c.key.as_ref())
+        .map(|k| format!("{}/{}/{}", k.namespace(), k.kind(), k.name()))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Audit annotations that make every injection, exemption and fallback visible.
+fn audit(d: &Decision) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let injected: Vec<String> = d
+        .containers
+        .iter()
+        .filter_map(|c| match &c.action {
+            Action::Inject { version, .. } => Some(format!("{}={version}", c.name)),
+            _ => None,
+        })
+        .collect();
+    if !injected.is_empty() {
+        out.push(("injected".into(), injected.join(",")));
+    }
+    let fallbacks: Vec<String> = d
+        .containers
+        .iter()
+        .filter_map(|c| match &c.action {
+            Action::Fallback { reason, profile } => Some(format!(
+                "{}={} ({reason})",
+                c.name,
+                match profile {
+                    FallbackProfile::Unconfined => "Unconfined".to_string(),
+                    FallbackProfile::Log { version, .. } => format!("log:{version}"),
+                    FallbackProfile::RuntimeDefault => "RuntimeDefault".to_string(),
+                }
+            )),
+            _ => None,
+        })
+        .collect();
+    if !fallbacks.is_empty() {
+        out.push(("fallback".into(), fallbacks.join(",")));
+    }
+    if let Exemption::Honored { reason, .. } = &d.exemption {
+        out.push(("exempted".into(), reason.clone()));
+    }
+    out
+}
