@@ -120,17 +120,21 @@ impl SharedIndex {
         )
     }
 
+    /// Puts `index` in service.
+    pub fn set(&self, index: Index) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(index);
+        *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
     /// Reloads from `store`; on failure the previous snapshot stays in service and
     /// the error is kept for readiness and metrics.
     pub fn refresh(&self, store: &dyn ProfileStore) -> Result<Arc<Index>, StoreError> {
         let previous = self.get();
         match Index::load(store, Some(&previous)) {
             Ok(index) => {
-                let index = Arc::new(index);
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = index.clone();
-                *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
-                *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-                Ok(index)
+                self.set(index);
+                Ok(self.get())
             }
             Err(e) => {
                 *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());

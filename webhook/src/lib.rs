@@ -16,3 +16,6 @@ pub mod server;
 pub use index::{Index, Lookup, SharedIndex};
 pub use policy::{Mode, OnMissing, Policy};
 pub use review::Admission;
+
+#[cfg(test)]
+mod tests;
