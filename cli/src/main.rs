@@ -2,7 +2,9 @@
 
 mod build;
 mod certs;
+mod demo;
 mod profiles;
+mod serve;
 mod table;
 
 use clap::{Args, Parser, Subcommand};
@@ -38,6 +40,12 @@ enum Command {
     /// Inspect and manage stored profiles.
     #[command(subcommand)]
     Profiles(profiles::ProfilesCommand),
+    /// Run the admission webhook (HTTPS) with its metrics endpoint.
+    Serve(serve::ServeArgs),
+    /// Show the whole path on this machine: build profiles from bundled events,
+    /// start the webhook on 127.0.0.1 with a development CA, send real
+    /// AdmissionReviews over HTTP/2, print each decision and patch.
+    Demo,
     /// Create the webhook's certificates and put its CA into the webhook
     /// configurations.
     #[command(subcommand)]
@@ -81,6 +89,8 @@ fn main() -> ExitCode {
         Command::Build(args) => build::run(args),
         Command::Profiles(cmd) => profiles::run(cmd),
         Command::Certs(cmd) => certs::run(cmd),
+        Command::Serve(args) => serve::run(args),
+        Command::Demo => demo::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

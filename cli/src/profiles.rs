@@ -56,12 +56,37 @@ pub(crate) enum ProfilesCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Put a workload into fallback (Unconfined, or the Log-mode variant of its
+    /// profile where Pod Security forbids Unconfined) or take it out again.
+    #[command(subcommand)]
+    Fallback(FallbackCommand),
     /// Pin the active version of a workload (by default the newest is active).
     Activate {
         /// namespace/kind/name/container
         key: WorkloadKey,
         /// The version to activate.
         version: Version,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FallbackCommand {
+    /// New pods of the workload get the fallback instead of its profile.
+    Set {
+        /// namespace/kind/name/container
+        key: WorkloadKey,
+        /// Why (shown in pod annotations, audit annotations and logs).
+        #[arg(long, env = "TETHER_FALLBACK_REASON")]
+        reason: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// New pods of the workload get its profile again.
+    Clear {
+        /// namespace/kind/name/container
+        key: WorkloadKey,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -85,6 +110,12 @@ pub(crate) fn run(cmd: ProfilesCommand) -> Result<()> {
         } => diff(&FsStore::open(&store.store)?, &key, &from, &to, json.json),
         ProfilesCommand::Approve { key, syscalls, store } => approve(&FsStore::open(&store.store)?, &key, &syscalls),
         ProfilesCommand::Activate { key, version, store } => activate(&FsStore::open(&store.store)?, &key, &version),
+        ProfilesCommand::Fallback(FallbackCommand::Set { key, reason, store }) => {
+            fallback(&FsStore::open(&store.store)?, &key, Some(reason))
+        }
+        ProfilesCommand::Fallback(FallbackCommand::Clear { key, store }) => {
+            fallback(&FsStore::open(&store.store)?, &key, None)
+        }
     }
 }
 
@@ -267,5 +298,26 @@ fn activate(store: &FsStore, key: &WorkloadKey, version: &Version) -> Result<()>
         Ok(())
     })?;
     println!("{key}: version {version} is active");
+    Ok(())
+}
+
+fn fallback(store: &FsStore, key: &WorkloadKey, reason: Option<String>) -> Result<()> {
+    if reason.as_deref().is_some_and(|r| r.trim().is_empty()) {
+        bail!("--reason is empty: say why the workload needs its fallback (it is shown on every pod)");
+    }
+    existing(store, key)?;
+    store.update(key, &mut |record| {
+        record.state.fallback = reason.as_ref().map(|r| profile_store::store::Fallback {
+            reason: r.clone(),
+            since: jiff::Timestamp::now(),
+        });
+        Ok(())
+    })?;
+    match reason {
+        Some(r) => println!(
+            "{key}: in fallback ({r}); new pods get Unconfined, or the Log-mode variant where Pod Security forbids Unconfined"
+        ),
+        None => println!("{key}: fallback cleared; new pods get the active profile"),
+    }
     Ok(())
 }

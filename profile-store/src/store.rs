@@ -493,6 +493,18 @@ pub fn render_version(
     let new_version = record.latest().map(|m| &m.version) != Some(&rendered.version);
     if new_version {
         store.put_version(&key, &rendered)?;
+        // The Log-mode variant is what a workload in fallback runs under where Pod
+        // Security forbids Unconfined: keep it beside the profile, so whatever
+        // installs profiles on nodes finds both.
+        let log = rendered.profile.log_variant();
+        store.put_version(
+            &key,
+            &Rendered {
+                version: log.version(),
+                profile: log,
+                needs_review: Vec::new(),
+            },
+        )?;
         // A version seen before (e.g. after an approval was revoked) moves to the end
         // as the newest rather than appearing twice.
         record.state.versions.retain(|v| v.version != rendered.version);

@@ -143,3 +143,74 @@ impl SharedIndex {
         }
     }
 }
+
+/// Keeps a [`SharedIndex`] in step with an [`FsStore`](profile_store::FsStore):
+/// refreshes when the store directory changes (a recursive watch) and every `poll`
+/// as a backstop, off the request path. Stops when the handle is dropped.
+pub fn watch_store(
+    shared: Arc<SharedIndex>,
+    store: profile_store::FsStore,
+    poll: std::time::Duration,
+    metrics: crate::metrics::Metrics,
+) -> StoreWatch {
+    use notify::Watcher;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .and_then(|mut w| w.watch(store.root(), notify::RecursiveMode::Recursive).map(|()| w))
+    .map_err(|e| tracing::warn!(error = %e, "cannot watch the store; relying on polling"))
+    .ok();
+    let task = tokio::spawn(async move {
+        loop {
+            let refresh = {
+                let (shared, store, metrics) = (shared.clone(), store.clone(), metrics.clone());
+                tokio::task::spawn_blocking(move || {
+                    let result = shared.refresh(&store);
+                    match &result {
+                        Ok(index) => {
+                            metrics.workloads_in_fallback.set(index.in_fallback() as i64);
+                            metrics.store_versions.set(index.versions as i64);
+                        }
+                        Err(e) => {
+                            metrics.index_load_failures.inc();
+                            tracing::warn!(error = %e, "profile index not refreshed; the previous one stays in service");
+                        }
+                    }
+                })
+            };
+            let _ = refresh.await;
+            tokio::select! {
+                event = rx.recv() => {
+                    if event.is_none() {
+                        tokio::time::sleep(poll).await;
+                    } else {
+                        // A build writes many files: let it finish, then load once.
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        while rx.try_recv().is_ok() {}
+                    }
+                }
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    });
+    StoreWatch {
+        task,
+        _watcher: watcher,
+    }
+}
+
+/// Keeps [`watch_store`] running; dropping it stops the watch.
+#[derive(Debug)]
+pub struct StoreWatch {
+    task: tokio::task::JoinHandle<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Drop for StoreWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

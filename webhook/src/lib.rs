@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod patch;
 pub mod policy;
 pub mod review;
+pub mod run;
 pub mod server;
 
 pub use index::{Index, Lookup, SharedIndex};

@@ -1,0 +1,113 @@
+//! `tether serve`: the admission webhook.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use webhook::policy::{Mode, OnMissing, Policy};
+use webhook::run::{ServeOptions, start};
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// The profile store directory.
+    #[arg(long, env = "TETHER_STORE", value_name = "DIR")]
+    store: PathBuf,
+    /// Serving certificate (PEM; reloaded when it changes).
+    #[arg(long, env = "TETHER_TLS_CERT", value_name = "FILE")]
+    tls_cert: PathBuf,
+    /// Serving key (PEM).
+    #[arg(long, env = "TETHER_TLS_KEY", value_name = "FILE")]
+    tls_key: PathBuf,
+    /// Accept only clients presenting a certificate from this CA (mTLS with the API server).
+    #[arg(long, env = "TETHER_CLIENT_CA", value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+    /// Admission address (HTTPS).
+    #[arg(long, env = "TETHER_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Metrics and probes address (plain HTTP).
+    #[arg(long, env = "TETHER_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+    /// Policy file (YAML): defaultMode, onMissing, exemptionNamespaces, namespaces.
+    #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Mode of namespaces without a tether.dev/mode label (overrides the config):
+    /// enforce, dry-run or off.
+    #[arg(long, env = "TETHER_DEFAULT_MODE")]
+    default_mode: Option<Mode>,
+    /// What to do for containers without a profile (overrides the config): skip or
+    /// runtime-default.
+    #[arg(long, env = "TETHER_ON_MISSING")]
+    on_missing: Option<OnMissing>,
+    /// Per-request timeout, in milliseconds.
+    #[arg(long, env = "TETHER_REQUEST_TIMEOUT_MS", default_value_t = 4000)]
+    request_timeout_ms: u64,
+    /// Time to drain requests in flight on SIGTERM, in seconds.
+    #[arg(long, env = "TETHER_DRAIN_SECONDS", default_value_t = 20)]
+    drain_seconds: u64,
+    /// Poll backstop for certificate and store changes, in seconds.
+    #[arg(long, env = "TETHER_POLL_SECONDS", default_value_t = 10)]
+    poll_seconds: u64,
+}
+
+/// The policy from `--config`, with the flags' overrides.
+pub(crate) fn policy(config: Option<&PathBuf>, mode: Option<Mode>, on_missing: Option<OnMissing>) -> Result<Policy> {
+    let mut policy = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Policy::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => Policy::default(),
+    };
+    if let Some(m) = mode {
+        policy.default_mode = m;
+    }
+    if let Some(o) = on_missing {
+        policy.on_missing = o;
+    }
+    Ok(policy)
+}
+
+pub(crate) fn run(args: ServeArgs) -> Result<()> {
+    let policy = policy(args.config.as_ref(), args.default_mode, args.on_missing)?;
+    let poll = Duration::from_secs(args.poll_seconds.max(1));
+    let opts = ServeOptions {
+        store: args.store,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        client_ca: args.client_ca,
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        policy,
+        request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
+        drain: Duration::from_secs(args.drain_seconds),
+        cert_poll: poll,
+        store_poll: poll,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let running = start(opts).await?;
+        eprintln!(
+            "tether webhook: admission on https://{}, metrics on http://{}/metrics",
+            running.addr, running.metrics_addr
+        );
+        let stop = running.shutdown_handle();
+        tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("signal received: shutting down");
+            let _ = stop.send(true);
+        });
+        running.wait().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,155 @@
+//! Starting the whole webhook: index watch, certificate watch, the TLS admission
+//! server and the metrics server, with shutdown.
+
+use crate::index::{SharedIndex, watch_store};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::review::Admission;
+use crate::server::{metrics_router, router, serve_plain, serve_tls};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How to run the webhook.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The profile store directory.
+    pub store: PathBuf,
+    /// Serving certificate (PEM chain).
+    pub tls_cert: PathBuf,
+    /// Serving key (PEM).
+    pub tls_key: PathBuf,
+    /// Only clients with a certificate from this CA may connect.
+    pub client_ca: Option<PathBuf>,
+    /// Admission (HTTPS) address.
+    pub listen: SocketAddr,
+    /// Metrics and probes (plain HTTP) address.
+    pub metrics_listen: SocketAddr,
+    /// The policy.
+    pub policy: Policy,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+    /// How long to wait for requests in flight at shutdown.
+    pub drain: Duration,
+    /// Certificate poll backstop.
+    pub cert_poll: Duration,
+    /// Store poll backstop.
+    pub store_poll: Duration,
+}
+
+/// Why the webhook could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] profile_store::StoreError),
+    /// The certificate cannot be loaded.
+    #[error(transparent)]
+    Cert(#[from] certs::CertError),
+    /// An address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A running webhook.
+#[derive(Debug)]
+pub struct Running {
+    /// The admission address actually bound.
+    pub addr: SocketAddr,
+    /// The metrics address actually bound.
+    pub metrics_addr: SocketAddr,
+    /// The shared admission state.
+    pub admission: Arc<Admission>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, drains requests in flight, and returns when done.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.done.await;
+    }
+
+    /// Waits until the server stops by itself (it does not, short of shutdown).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// A sender that triggers shutdown (e.g. from a signal handler).
+    pub fn shutdown_handle(&self) -> tokio::sync::watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Starts the webhook on the current tokio runtime.
+pub async fn start(opts: ServeOptions) -> Result<Running, StartError> {
+    let store = profile_store::FsStore::open(&opts.store)?;
+    let metrics = Metrics::default();
+    let index = Arc::new(SharedIndex::default());
+    // A first load before serving, so the webhook is ready at once when it can be.
+    if let Err(e) = index.refresh(&store) {
+        metrics.index_load_failures.inc();
+        tracing::warn!(error = %e, "profile index not loaded yet; not ready until it is");
+    }
+    let resolver = certs::ReloadingResolver::new(&opts.tls_cert, &opts.tls_key, metrics.certs.clone())?;
+    let tls = Arc::new(certs::tls::server_config(resolver.clone(), opts.client_ca.as_deref())?);
+    let admission = Arc::new(Admission {
+        policy: opts.policy.clone(),
+        index: index.clone(),
+        metrics: metrics.clone(),
+    });
+    let listener = bind(opts.listen).await?;
+    let metrics_listener = bind(opts.metrics_listen).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: opts.listen,
+        source,
+    })?;
+    let metrics_addr = metrics_listener.local_addr().map_err(|source| StartError::Bind {
+        addr: opts.metrics_listen,
+        source,
+    })?;
+    let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+    let app = router(admission.clone(), opts.request_timeout);
+    let metrics_app = metrics_router(admission.clone());
+    let mut metrics_rx = rx.clone();
+    let (store_poll, cert_poll, drain) = (opts.store_poll, opts.cert_poll, opts.drain);
+    let done = tokio::spawn(async move {
+        let _store_watch = watch_store(index, store, store_poll, metrics);
+        let _cert_watch = resolver.watch(cert_poll);
+        let metrics_server = tokio::spawn(serve_plain(metrics_listener, metrics_app, async move {
+            let _ = metrics_rx.wait_for(|stop| *stop).await;
+        }));
+        serve_tls(
+            listener,
+            tls,
+            app,
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            },
+            drain,
+        )
+        .await;
+        let _ = metrics_server.await;
+    });
+    tracing::info!(%addr, %metrics_addr, "tether webhook listening");
+    Ok(Running {
+        addr,
+        metrics_addr,
+        admission,
+        shutdown,
+        done,
+    })
+}
