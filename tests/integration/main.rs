@@ -11,3 +11,4 @@ mod profiles_cli;
 mod strace_to_runc;
 mod tetragon_build;
 mod tls;
+mod webhook_tls;

@@ -3,7 +3,7 @@
 
 use crate::review::{Admission, Unreadable};
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +16,11 @@ use tokio::net::TcpListener;
 /// The largest AdmissionReview accepted (the API server's own limit for objects is
 /// about 1.5 MiB; reviews carry the object and the old object).
 pub const BODY_LIMIT: usize = 3 * 1024 * 1024;
+
+/// Bodies up to this size are read to the end even when over [`BODY_LIMIT`], so the
+/// client gets its 413 on a connection that stays usable; beyond it the connection
+/// is given up.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,12 +43,45 @@ fn answer(result: Result<kube::core::admission::AdmissionReview<kube::core::Dyna
     }
 }
 
-async fn mutate(State(a): State<Arc<Admission>>, body: Bytes) -> Response {
-    answer(a.mutate(&body))
+/// Reads the body, keeping at most [`BODY_LIMIT`] bytes.
+async fn read_body(body: Body) -> Result<Bytes, Response> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut kept: Vec<u8> = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| (StatusCode::BAD_REQUEST, format!("reading the body: {e}")).into_response())?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if total <= BODY_LIMIT {
+                kept.extend_from_slice(&data);
+            } else if total > DRAIN_LIMIT {
+                break;
+            }
+        }
+    }
+    if total > BODY_LIMIT {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is {total} bytes or more; AdmissionReviews over {BODY_LIMIT} bytes are refused"),
+        )
+            .into_response());
+    }
+    Ok(Bytes::from(kept))
 }
 
-async fn validate(State(a): State<Arc<Admission>>, body: Bytes) -> Response {
-    answer(a.validate(&body))
+async fn mutate(State(a): State<Arc<Admission>>, body: Body) -> Response {
+    match read_body(body).await {
+        Ok(bytes) => answer(a.mutate(&bytes)),
+        Err(r) => r,
+    }
+}
+
+async fn validate(State(a): State<Arc<Admission>>, body: Body) -> Response {
+    match read_body(body).await {
+        Ok(bytes) => answer(a.validate(&bytes)),
+        Err(r) => r,
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -95,7 +133,8 @@ pub fn router(admission: Arc<Admission>, request_timeout: Duration) -> Router {
         .route("/validate", post(validate))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Bodies are limited by `read_body`, which answers 413 on a usable connection.
+        .layer(DefaultBodyLimit::disable())
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             request_timeout,
@@ -161,6 +200,8 @@ pub async fn serve_tls(
             }
         });
     }
+    // Closing the listening socket is what makes new connections fail fast.
+    drop(listener);
     tracing::info!("shutting down: no new connections; draining requests in flight");
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!("drain timed out; closing the remaining connections");
