@@ -8,6 +8,7 @@ mod certs_rotation;
 mod common;
 mod e2e;
 mod profiles_cli;
+mod serve_cli;
 mod strace_to_runc;
 mod tetragon_build;
 mod tls;
