@@ -122,6 +122,11 @@ impl Admission {
         let index = self.index.get();
         let decision = decide(pod, &namespace, &view, self.policy.on_missing, &*index);
         self.count_exemption(&decision);
+        for c in &decision.containers {
+            if let Action::Fallback { reason, profile } = &c.action {
+                tracing::warn!(container = %c.name, workload = %workload(&decision), %reason, profile = ?profile, mode = %view.mode, "workload in fallback");
+            }
+        }
         let mut warnings = decision.warnings.clone();
         let outcome = match view.mode {
             Mode::Enforce => {
