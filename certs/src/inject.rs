@@ -81,23 +81,30 @@ pub async fn inject_ca_bundle(client: kube::Client, name: &str, ca_pem: &[u8]) -
     let encode = |b: Option<k8s_openapi::ByteString>| b.map(|b| base64::engine::general_purpose::STANDARD.encode(b.0));
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     if let Some(cfg) = mutating.get_opt(name).await? {
-        let hooks: Vec<_> = cfg
+        let hooks = cfg
             .webhooks
             .unwrap_or_default()
             .into_iter()
-            .map(|w| (w.name, encode(w.client_config.ca_bundle)))
-            .collect();
-        done.push(patch_with(&mutating, "MutatingWebhookConfiguration", name, &hooks, &b64).await?);
+            .map(|w| (w.name, encode(w.client_config.ca_bundle)));
+        done.push(patch_with(&mutating, "MutatingWebhookConfiguration", name, hooks.collect(), &b64).await?);
     }
     let validating: Api<ValidatingWebhookConfiguration> = Api::all(client);
     if let Some(cfg) = validating.get_opt(name).await? {
-        let hooks: Vec<_> = cfg
+        let hooks = cfg
             .webhooks
             .unwrap_or_default()
             .into_iter()
-            .map(|w| (w.name, encode(w.client_config.ca_bundle)))
-            .collect();
-        done.push(patch_with(&validating, "ValidatingWebhookConfiguration", name, &hooks, &b64).await?);
+            .map(|w| (w.name, encode(w.client_config.ca_bundle)));
+        done.push(
+            patch_with(
+                &validating,
+                "ValidatingWebhookConfiguration",
+                name,
+                hooks.collect(),
+                &b64,
+            )
+            .await?,
+        );
     }
     if done.is_empty() {
         return Err(CertError::NoWebhook(name.to_string()));
@@ -109,13 +116,13 @@ async fn patch_with<K>(
     api: &Api<K>,
     kind: &'static str,
     name: &str,
-    hooks: &[(String, Option<String>)],
+    hooks: Vec<(String, Option<String>)>,
     b64: &str,
 ) -> Result<Injected, CertError>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let (patch, updated, unchanged) = bundle_patch(hooks, b64);
+    let (patch, updated, unchanged) = bundle_patch(&hooks, b64);
     if !patch.0.is_empty() {
         api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await?;

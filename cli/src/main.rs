@@ -6,6 +6,7 @@ mod demo;
 mod profiles;
 mod serve;
 mod table;
+mod validate;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -40,6 +41,10 @@ enum Command {
     /// Inspect and manage stored profiles.
     #[command(subcommand)]
     Profiles(profiles::ProfilesCommand),
+    /// Replay a command traced and under its profile (in runc, or in-process), and
+    /// say whether the profile would break it. Exit 0: it works; 1: it breaks (the
+    /// syscalls to add are named); 2: usage or environment error.
+    Validate(validate::ValidateArgs),
     /// Run the admission webhook (HTTPS) with its metrics endpoint.
     Serve(serve::ServeArgs),
     /// Show the whole path on this machine: build profiles from bundled events,
@@ -86,14 +91,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level, &cli.log_format);
     let result = match cli.command {
-        Command::Build(args) => build::run(args),
-        Command::Profiles(cmd) => profiles::run(cmd),
-        Command::Certs(cmd) => certs::run(cmd),
-        Command::Serve(args) => serve::run(args),
-        Command::Demo => demo::run(),
+        Command::Build(args) => build::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Profiles(cmd) => profiles::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Certs(cmd) => certs::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
+        Command::Validate(args) => validate::run(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

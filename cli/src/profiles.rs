@@ -5,8 +5,8 @@ use crate::{JsonArgs, StoreArgs};
 use anyhow::{Result, bail};
 use clap::Subcommand;
 use profile_store::render::is_dangerous;
-use profile_store::store::{StoreError, WorkloadRecord, render_version};
-use profile_store::{Abi, FsStore, ProfileStore, RuntimeBase, Version, WorkloadKey};
+use profile_store::store::{StoreError, WorkloadRecord, rerender};
+use profile_store::{Abi, FsStore, ProfileStore, Version, WorkloadKey};
 use serde_json::json;
 use std::collections::BTreeSet;
 
@@ -252,19 +252,10 @@ fn approve(store: &FsStore, key: &WorkloadKey, syscalls: &[String]) -> Result<()
     let mut outcome = None;
     let record = store.update(key, &mut |record| {
         record.state.approvals.extend(syscalls.iter().cloned());
-        let Some(latest) = record.latest() else {
+        if record.latest().is_none() {
             return Ok(());
-        };
-        let (spec, arch) = (latest.runtime.clone(), latest.arch);
-        let runtime = RuntimeBase::select(&spec).map_err(|e| StoreError::Refused(e.to_string()))?;
-        outcome = Some(render_version(
-            store,
-            record,
-            &runtime,
-            &spec,
-            arch,
-            jiff::Timestamp::now(),
-        )?);
+        }
+        outcome = Some(rerender(store, record, jiff::Timestamp::now())?);
         Ok(())
     })?;
     let observed: BTreeSet<&str> = record.baseline.syscall_names().collect();

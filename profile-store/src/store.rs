@@ -526,6 +526,21 @@ pub fn render_version(
     })
 }
 
+/// [`render_version`] with the runtime and architecture of the newest version
+/// (`runc` and this host's architecture when there is none yet): how approvals and
+/// staging lessons re-render a workload the way its builds did.
+pub fn rerender(
+    store: &dyn ProfileStore,
+    record: &mut WorkloadRecord,
+    now: Timestamp,
+) -> Result<RenderOutcome, StoreError> {
+    let (spec, arch) = record
+        .latest()
+        .map_or(("runc".to_string(), Arch::host()), |m| (m.runtime.clone(), m.arch));
+    let runtime = RuntimeBase::select(&spec).map_err(|e| StoreError::Refused(e.to_string()))?;
+    render_version(store, record, &runtime, &spec, arch, now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,4 +12,5 @@ mod serve_cli;
 mod strace_to_runc;
 mod tetragon_build;
 mod tls;
+mod validate_corpus;
 mod webhook_tls;

@@ -1,5 +1,6 @@
 //! Running one command in a runc container with an optional seccomp profile.
 
+use crate::ValidatorError;
 use profile_store::SeccompProfile;
 use serde_json::{Value, json};
 use std::io::Read;
@@ -7,26 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-
-/// Why a run could not happen (a workload failing inside the container is not an
-/// error: it is the [`RunOutcome`]).
-#[derive(Debug, thiserror::Error)]
-pub enum ValidatorError {
-    /// runc is not installed.
-    #[error("runc is not installed or not on PATH; install it (Debian/Ubuntu: apt-get install -y runc)")]
-    RuncMissing,
-    /// Preparing the bundle or starting runc failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The command ran past its deadline and was killed.
-    #[error("the container ran longer than {0:?} and was killed")]
-    Timeout(Duration),
-}
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ValidatorError {
     let what = what.into();
@@ -48,6 +29,9 @@ pub struct RunSpec {
     pub extra_capabilities: Vec<String>,
     /// Kill the container after this long.
     pub timeout: Duration,
+    /// Host directories bind-mounted read-write into the container, as (host
+    /// path, container path): how a probe's trace gets out.
+    pub mounts: Vec<(PathBuf, String)>,
 }
 
 impl RunSpec {
@@ -59,6 +43,7 @@ impl RunSpec {
             no_new_privileges: false,
             extra_capabilities: Vec::new(),
             timeout: Duration::from_secs(60),
+            mounts: Vec::new(),
         }
     }
 }
@@ -120,6 +105,22 @@ pub fn oci_config(spec: &RunSpec, rootfs: &Path) -> Value {
     if let Some(profile) = &spec.profile {
         linux["seccomp"] = json!(profile);
     }
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        bind_ro("/usr"),
+        bind_ro("/etc"),
+        json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=262144k"]}),
+    ];
+    for (host, dest) in &spec.mounts {
+        mounts.push(
+            json!({"destination": dest, "type": "bind", "source": host, "options": ["rbind", "rw", "nosuid", "nodev"]}),
+        );
+    }
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -134,17 +135,7 @@ pub fn oci_config(spec: &RunSpec, rootfs: &Path) -> Value {
         },
         "root": {"path": rootfs, "readonly": true},
         "hostname": "tether-validate",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            bind_ro("/usr"),
-            bind_ro("/etc"),
-            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]},
-        ],
+        "mounts": mounts,
         "linux": linux,
     })
 }
@@ -192,54 +183,69 @@ pub fn run_in_runc(spec: &RunSpec) -> Result<RunOutcome, ValidatorError> {
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
     );
 
-    let mut child = Command::new(&runc)
-        .arg("--root")
+    let mut cmd = Command::new(&runc);
+    cmd.arg("--root")
         .arg(&state)
         .args(["run", "--bundle"])
         .arg(&bundle)
-        .arg(&id)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io(format!("starting {}", runc.display())))?;
-    // Drain the pipes on threads so a chatty container cannot block on a full pipe.
-    let drain = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(mut r) = r {
-                let mut bytes = Vec::new();
-                let _ = r.read_to_end(&mut bytes);
-                s = String::from_utf8_lossy(&bytes).into_owned();
-            }
-            s
-        })
-    };
-    let out = drain(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
-    let err = drain(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
-    let deadline = Instant::now() + spec.timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(io("waiting for runc"))? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = Command::new(&runc)
-                .arg("--root")
-                .arg(&state)
-                .args(["kill", &id, "KILL"])
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
+        .arg(&id);
+    run_captured(cmd, spec.timeout, |_| {
+        let _ = Command::new(&runc)
+            .arg("--root")
+            .arg(&state)
+            .args(["kill", &id, "KILL"])
+            .status();
+    })
+    .inspect_err(|e| {
+        if matches!(e, ValidatorError::Timeout(_)) {
             let _ = Command::new(&runc)
                 .arg("--root")
                 .arg(&state)
                 .args(["delete", "--force", &id])
                 .status();
-            return Err(ValidatorError::Timeout(spec.timeout));
+        }
+    })
+}
+
+/// Runs `cmd` with stdin closed and its output captured, killing it after
+/// `timeout` (`on_timeout` runs first, to stop what the child started).
+pub(crate) fn run_captured(
+    mut cmd: Command,
+    timeout: Duration,
+    on_timeout: impl FnOnce(&mut std::process::Child),
+) -> Result<RunOutcome, ValidatorError> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io(format!("starting {}", cmd.get_program().to_string_lossy())))?;
+    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut bytes);
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(io("waiting for the child"))? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            on_timeout(&mut child);
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ValidatorError::Timeout(timeout));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    use std::os::unix::process::ExitStatusExt;
     let exit = match (status.code(), status.signal()) {
         (Some(c), _) => Exit::Code(c),
         (None, Some(s)) => Exit::Signal(s),

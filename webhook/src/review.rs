@@ -37,6 +37,11 @@ enum Parsed {
     Other(Box<AdmissionRequest<DynamicObject>>),
 }
 
+enum Step {
+    Act(Box<AdmissionRequest<Pod>>),
+    Done(Box<AdmissionReview<DynamicObject>>),
+}
+
 fn parse(body: &[u8]) -> Result<Parsed, Unreadable> {
     let mut v: Value = serde_json::from_slice(body).map_err(|e| Unreadable(format!("the body is not JSON: {e}")))?;
     let (api, kind) = (v["apiVersion"].as_str(), v["kind"].as_str());
@@ -94,20 +99,28 @@ impl Admission {
             .inc();
     }
 
+    /// Parses `body`: a Pod CREATE to act on, or the answer for anything else.
+    fn pod_create(&self, endpoint: Endpoint, body: &[u8]) -> Result<Step, Unreadable> {
+        match parse(body) {
+            Ok(Parsed::PodCreate(req)) => Ok(Step::Act(req)),
+            Ok(Parsed::Other(req)) => {
+                self.count(endpoint, &operation_of(&req), None, Outcome::allowed);
+                Ok(Step::Done(Box::new(AdmissionResponse::from(&*req).into_review())))
+            }
+            Err(e) => {
+                self.count(endpoint, "unknown", None, Outcome::invalid);
+                Err(e)
+            }
+        }
+    }
+
     /// Answers `/mutate`.
     pub fn mutate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
         let _timer = self.metrics.timer(Endpoint::mutate);
         let start = Instant::now();
-        let req = match parse(body) {
-            Ok(Parsed::PodCreate(req)) => req,
-            Ok(Parsed::Other(req)) => {
-                self.count(Endpoint::mutate, &operation_of(&req), None, Outcome::allowed);
-                return Ok(AdmissionResponse::from(&*req).into_review());
-            }
-            Err(e) => {
-                self.count(Endpoint::mutate, "unknown", None, Outcome::invalid);
-                return Err(e);
-            }
+        let req = match self.pod_create(Endpoint::mutate, body)? {
+            Step::Act(req) => req,
+            Step::Done(review) => return Ok(*review),
         };
         let namespace = req.namespace.clone().unwrap_or_default();
         let view = self.policy.namespace(&namespace, None);
@@ -180,16 +193,9 @@ impl Admission {
     pub fn validate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
         let _timer = self.metrics.timer(Endpoint::validate);
         let start = Instant::now();
-        let req = match parse(body) {
-            Ok(Parsed::PodCreate(req)) => req,
-            Ok(Parsed::Other(req)) => {
-                self.count(Endpoint::validate, &operation_of(&req), None, Outcome::allowed);
-                return Ok(AdmissionResponse::from(&*req).into_review());
-            }
-            Err(e) => {
-                self.count(Endpoint::validate, "unknown", None, Outcome::invalid);
-                return Err(e);
-            }
+        let req = match self.pod_create(Endpoint::validate, body)? {
+            Step::Act(req) => req,
+            Step::Done(review) => return Ok(*review),
         };
         let namespace = req.namespace.clone().unwrap_or_default();
         let view = self.policy.namespace(&namespace, None);

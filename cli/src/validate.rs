@@ -1,0 +1,241 @@
+//! `tether validate`: replay a workload with its profile and tell whether the
+//! profile would break it.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use profile_store::store::{VersionStatus, localhost_profile, rerender};
+use profile_store::{Abi, FsStore, ProfileStore, SeccompProfile, Version, WorkloadKey};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use validator::ValidatorError;
+use validator::validate::Runtime;
+
+#[derive(Debug, Args)]
+pub(crate) struct ValidateArgs {
+    /// The profile to check (OCI seccomp JSON).
+    #[arg(long, env = "TETHER_PROFILE", value_name = "FILE", conflicts_with_all = ["key", "pod"])]
+    profile: Option<PathBuf>,
+    /// Check this workload's active profile from the store instead.
+    #[arg(long, env = "TETHER_KEY", value_name = "KEY", requires = "store")]
+    key: Option<WorkloadKey>,
+    /// The profile store (with --key, --update or --pod).
+    #[arg(long, env = "TETHER_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Where to run: runc (a container, as a node would; the default when runc is
+    /// installed) or process (this host, the filter installed before exec).
+    #[arg(long, env = "TETHER_VALIDATE_RUNTIME")]
+    runtime: Option<Runtime>,
+    /// Print the report as JSON.
+    #[arg(long, env = "TETHER_JSON")]
+    json: bool,
+    /// Kill a run after this many seconds.
+    #[arg(long, env = "TETHER_TIMEOUT", default_value_t = 120)]
+    timeout: u64,
+    /// With --key: when the probe finds syscalls the profile lacks, merge them into
+    /// the baseline, render a new draft version, and validate that one.
+    #[arg(long, env = "TETHER_UPDATE", requires = "key")]
+    update: bool,
+    /// Instead of running anything: print the Job that replays this pod's containers
+    /// in a staging namespace (`kubectl apply -f -`).
+    #[arg(long, value_name = "FILE.yaml", conflicts_with_all = ["profile", "key"])]
+    pod: Option<PathBuf>,
+    /// The staging namespace for --pod.
+    #[arg(long, env = "TETHER_STAGING_NAMESPACE", default_value = "tether-staging")]
+    namespace: String,
+    /// For --pod: an image with a static strace at /strace.
+    #[arg(long, env = "TETHER_STRACE_IMAGE", value_name = "IMAGE")]
+    strace_image: Option<String>,
+    /// The command to replay, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+const EXIT_BREAKS: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
+    if let Some(pod) = &args.pod {
+        return job(&args, pod).map(|()| ExitCode::SUCCESS);
+    }
+    let runtime = match args.runtime {
+        Some(r) => r,
+        None if validator::runc_path().is_ok() => Runtime::Runc,
+        None => Runtime::Process,
+    };
+    let (profile, target) = match (&args.profile, &args.key) {
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            (
+                parse_profile(&text).with_context(|| format!("{}", path.display()))?,
+                None,
+            )
+        }
+        (None, Some(key)) => {
+            let store = FsStore::open(args.store.as_deref().unwrap_or(std::path::Path::new(".")))?;
+            let record = store
+                .record(key)?
+                .ok_or_else(|| profile_store::StoreError::UnknownWorkload { key: key.clone() })?;
+            let Some(active) = record.active() else {
+                bail!("{key} has no version yet; run `tether build` first");
+            };
+            let version = active.version.clone();
+            (store.profile(key, &version)?, Some((store, key.clone(), version)))
+        }
+        _ => {
+            eprintln!("error: say which profile: --profile FILE, or --key KEY --store DIR");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let timeout = Duration::from_secs(args.timeout.max(1));
+    let outcome = validator::validate(&args.command, &profile, runtime, timeout);
+    let (report, usage) = match outcome {
+        Ok(r) => r,
+        Err(e) => return Ok(environment_error(e)),
+    };
+    print(&report, args.json)?;
+    let Some((store, key, version)) = target else {
+        return Ok(verdict(report.pass));
+    };
+    if report.pass {
+        mark_validated(&store, &key, &version)?;
+        eprintln!("{key}: version {version} is Validated");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.update {
+        return Ok(ExitCode::from(EXIT_BREAKS));
+    }
+    // The baseline learns from staging: merge the probe's syscalls and try again.
+    let mut rendered = None;
+    store.update(&key, &mut |record| {
+        record.baseline.merge(&usage.to_baseline(key.clone(), Abi::host()));
+        rendered = Some(rerender(&store, record, jiff::Timestamp::now())?);
+        Ok(())
+    })?;
+    let Some(outcome) = rendered else {
+        return Ok(ExitCode::from(EXIT_BREAKS));
+    };
+    if !outcome.rendered.needs_review.is_empty() {
+        eprintln!(
+            "{key}: the probe made dangerous syscalls that need approval first: {} (`tether profiles approve {key} ...`)",
+            outcome.rendered.needs_review.join(" ")
+        );
+    }
+    let new = outcome.rendered.version.clone();
+    eprintln!(
+        "{key}: new draft version {new} (+{}); validating it",
+        outcome.added.join(" +")
+    );
+    let (second, _) = match validator::validate(&args.command, &outcome.rendered.profile, runtime, timeout) {
+        Ok(r) => r,
+        Err(e) => return Ok(environment_error(e)),
+    };
+    print(&second, args.json)?;
+    if second.pass {
+        mark_validated(&store, &key, &new)?;
+        eprintln!("{key}: version {new} is Validated");
+    }
+    Ok(verdict(second.pass))
+}
+
+fn verdict(pass: bool) -> ExitCode {
+    if pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_BREAKS)
+    }
+}
+
+fn environment_error(e: ValidatorError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn print(report: &validator::Report, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(())
+}
+
+/// Reads an OCI seccomp profile; refuses conditional rules, which a name-level
+/// comparison would misjudge.
+fn parse_profile(text: &str) -> Result<SeccompProfile> {
+    let v: serde_json::Value = serde_json::from_str(text).context("not JSON")?;
+    for (i, rule) in v["syscalls"].as_array().into_iter().flatten().enumerate() {
+        for field in ["args", "includes", "excludes"] {
+            let present = match &rule[field] {
+                serde_json::Value::Null => false,
+                serde_json::Value::Array(a) => !a.is_empty(),
+                serde_json::Value::Object(o) => !o.is_empty(),
+                _ => true,
+            };
+            if present {
+                bail!(
+                    "syscalls[{i}] has `{field}`: conditional rules are not supported; validate a profile rendered by tether"
+                );
+            }
+        }
+    }
+    serde_json::from_value(v).context("not an OCI seccomp profile (defaultAction, architectures, syscalls)")
+}
+
+fn mark_validated(store: &FsStore, key: &WorkloadKey, version: &Version) -> Result<()> {
+    store.update(key, &mut |record| {
+        for v in record.state.versions.iter_mut().filter(|v| &v.version == version) {
+            v.status = VersionStatus::Validated;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn job(args: &ValidateArgs, pod_path: &PathBuf) -> Result<()> {
+    let text = std::fs::read_to_string(pod_path).with_context(|| format!("reading {}", pod_path.display()))?;
+    let pod = validator::job::read_pod(&text).with_context(|| format!("{}", pod_path.display()))?;
+    let Some(strace_image) = args.strace_image.clone() else {
+        bail!(
+            "--pod needs --strace-image IMAGE: an image with a static strace at /strace (application images rarely have strace)"
+        );
+    };
+    let mut profiles = Vec::new();
+    match &args.store {
+        Some(dir) => {
+            let store = FsStore::open(dir)?;
+            let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let spec = pod.spec.clone().unwrap_or_default();
+            let names = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .chain(spec.containers.iter())
+                .map(|c| c.name.clone());
+            for name in names {
+                let key = webhook::decide::container_key(&pod, &ns, &name).map_err(anyhow::Error::msg)?;
+                let Some(record) = store.record(&key)? else {
+                    eprintln!("warning: no profile for {key}; container {name} runs without one");
+                    continue;
+                };
+                if let Some(active) = record.active() {
+                    let log = store.profile(&key, &active.version)?.log_variant().version();
+                    profiles.push((name, localhost_profile(&key, &log)));
+                }
+            }
+        }
+        None => eprintln!(
+            "warning: without --store no profile is set in the Job; the containers run as the staging namespace's webhook decides"
+        ),
+    }
+    let job = validator::job::replay_job(
+        &pod,
+        &validator::job::JobOptions {
+            namespace: args.namespace.clone(),
+            strace_image,
+            profiles,
+        },
+    )?;
+    println!("{}", serde_json::to_string_pretty(&job)?);
+    Ok(())
+}
