@@ -1,5 +1,6 @@
 //! The `tether` command: wires the libraries together. No domain logic lives here.
 
+mod bench;
 mod build;
 mod certs;
 mod demo;
@@ -45,6 +46,9 @@ enum Command {
     /// say whether the profile would break it. Exit 0: it works; 1: it breaks (the
     /// syscalls to add are named); 2: usage or environment error.
     Validate(validate::ValidateArgs),
+    /// Benchmark tools (synthetic inputs).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Run the admission webhook (HTTPS) with its metrics endpoint.
     Serve(serve::ServeArgs),
     /// Show the whole path on this machine: build profiles from bundled events,
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
         Command::Validate(args) => validate::run(args),
+        Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -11,6 +11,7 @@ pub mod key;
 pub mod render;
 pub mod store;
 pub mod strace;
+pub mod synth;
 pub mod tetragon;
 
 pub use abi::Abi;
