@@ -47,6 +47,11 @@ pub(crate) struct BuildArgs {
     #[arg(long, env = "TETHER_INCLUDE_NON_INIT")]
     include_non_init: bool,
 
+    /// Threads parsing Tetragon input (0: one per core). The result does not
+    /// depend on it.
+    #[arg(long, env = "TETHER_JOBS", default_value_t = 0)]
+    jobs: usize,
+
     #[command(flatten)]
     json: JsonArgs,
 }
@@ -86,6 +91,7 @@ pub(crate) fn run(args: BuildArgs) -> Result<()> {
             include_non_init: args.include_non_init,
         },
         strace_key: args.strace_key.clone(),
+        jobs: args.jobs,
     });
 
     let mut files = Vec::new();

@@ -9,6 +9,7 @@ use crate::tetragon::{self, Source, TetragonEvent, TetragonOptions};
 use flate2::read::MultiGzDecoder;
 use jiff::Timestamp;
 use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -25,6 +26,9 @@ pub struct IngestOptions {
     /// The key strace inputs are recorded under; strace logs do not say which
     /// workload they are.
     pub strace_key: Option<WorkloadKey>,
+    /// Threads parsing Tetragon input (0: one per core). The result is the same
+    /// whatever the number.
+    pub jobs: usize,
 }
 
 /// Why an input could not be read at all (bad lines are not errors: they are
@@ -124,8 +128,175 @@ impl IngestReport {
 #[derive(Debug, Default)]
 pub struct Ingest {
     opts: IngestOptions,
+    tally: Tally,
+}
+
+/// How much input a parsing thread takes at a time.
+pub const BLOCK: usize = 4 << 20;
+
+/// What one stretch of input adds up to: the baselines and the report, plus a cache
+/// from pod identities to workload keys (deriving a key validates and allocates;
+/// the same pods come back on every line).
+#[derive(Debug, Default)]
+struct Tally {
     baselines: HashMap<WorkloadKey, Baseline>,
     report: IngestReport,
+    keys: HashMap<u64, (tetragon::Who<'static>, WorkloadKey)>,
+}
+
+fn who_hash(who: &tetragon::Who<'_>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    who.hash(&mut h);
+    h.finish()
+}
+
+impl Tally {
+    /// The baseline `who` contributes to, deriving (and caching) its key.
+    fn baseline(&mut self, who: &tetragon::Who<'_>) -> Result<&mut Baseline, String> {
+        let h = who_hash(who);
+        let cached = matches!(self.keys.get(&h), Some((w, _)) if w == who);
+        if !cached {
+            let key = who.key()?;
+            let owned = tetragon::Who {
+                event: who.event,
+                namespace: Cow::Owned(who.namespace.to_string()),
+                pod: Cow::Owned(who.pod.to_string()),
+                container: Cow::Owned(who.container.to_string()),
+                workload: who.workload.as_ref().map(|w| Cow::Owned(w.to_string())),
+                workload_kind: who.workload_kind.as_ref().map(|w| Cow::Owned(w.to_string())),
+                labels: owned_labels(&who.labels),
+            };
+            // A rare hash collision just replaces the entry.
+            self.keys.insert(h, (owned, key));
+        }
+        let Some((_, key)) = self.keys.get(&h) else {
+            return Err("internal: key cache miss".into());
+        };
+        if !self.baselines.contains_key(key) {
+            self.baselines.insert(key.clone(), Baseline::new(key.clone()));
+        }
+        self.baselines
+            .get_mut(key)
+            .ok_or_else(|| "internal: baseline missing".into())
+    }
+
+    /// Adds another tally's baselines and counters (not its ordered parts:
+    /// malformed samples, dropped reports, line count, which the caller orders).
+    fn absorb(&mut self, other: Tally) {
+        for (key, b) in other.baselines {
+            match self.baselines.get_mut(&key) {
+                Some(mine) => mine.merge(&b),
+                None => {
+                    self.baselines.insert(key, b);
+                }
+            }
+        }
+        let (r, o) = (&mut self.report, other.report);
+        r.syscall_events += o.syscall_events;
+        r.process_events += o.process_events;
+        r.host_events += o.host_events;
+        r.not_in_init_tree += o.not_in_init_tree;
+        r.exec_probe_events += o.exec_probe_events;
+        r.not_a_syscall += o.not_a_syscall;
+        r.other_events += o.other_events;
+        for (k, v) in o.unknown_syscalls {
+            *r.unknown_syscalls.entry(k).or_default() += v;
+        }
+        r.malformed += o.malformed;
+    }
+
+    /// One Tetragon line.
+    fn tetragon_line(&mut self, opts: &TetragonOptions, source: &str, line_no: u64, line: &str) {
+        match tetragon::parse_line(line, opts) {
+            Ok(p) => {
+                if let Err(reason) = self.apply(p) {
+                    self.report.malformed(source, line_no, reason);
+                }
+            }
+            Err(reason) => self.report.malformed(source, line_no, reason),
+        }
+    }
+
+    fn apply(&mut self, p: tetragon::Parsed<'_>) -> Result<(), String> {
+        let node = p.node.as_deref();
+        let t = p.time;
+        match p.event {
+            TetragonEvent::Syscall { source, abi, name } => {
+                self.touch(&source, node, t)?.record_syscall(name, abi, t);
+                self.report.syscall_events += 1;
+            }
+            TetragonEvent::Exec(source) => {
+                self.touch(&source, node, t)?.processes += 1;
+                self.report.process_events += 1;
+            }
+            TetragonEvent::Exit(source) => {
+                self.touch(&source, node, t)?.exits += 1;
+                self.report.process_events += 1;
+            }
+            TetragonEvent::NotInInitTree(who) => {
+                self.baseline(&who)?.excluded.not_in_init_tree += 1;
+                self.report.not_in_init_tree += 1;
+            }
+            TetragonEvent::UnknownSyscall { source, what } => {
+                self.touch(&source, node, t)?;
+                *self.report.unknown_syscalls.entry(what).or_default() += 1;
+            }
+            TetragonEvent::NotASyscall(source) => {
+                self.touch(&source, node, t)?;
+                self.report.not_a_syscall += 1;
+            }
+            TetragonEvent::Host => self.report.host_events += 1,
+            TetragonEvent::Dropped(count) => self.report.dropped.push(Dropped {
+                node: node.unwrap_or_default().to_string(),
+                time: t,
+                count,
+            }),
+            TetragonEvent::Other => self.report.other_events += 1,
+        }
+        Ok(())
+    }
+
+    /// The baseline `source` contributes to, with its pod, node and time recorded.
+    fn touch(
+        &mut self,
+        source: &Source<'_>,
+        node: Option<&str>,
+        t: Option<Timestamp>,
+    ) -> Result<&mut Baseline, String> {
+        let probe = source.exec_probe;
+        if probe {
+            self.report.exec_probe_events += 1;
+        }
+        let b = self.baseline(&source.who)?;
+        b.record_source(Some(&source.who.pod), node);
+        b.see_time(t);
+        if probe {
+            b.exec_probe_events += 1;
+        }
+        Ok(b)
+    }
+}
+
+/// The parts of one block's outcome whose order matters.
+#[derive(Debug)]
+struct BlockOrdered {
+    idx: usize,
+    lines: u64,
+    malformed_samples: Vec<Malformed>,
+    dropped: Vec<Dropped>,
+}
+
+fn owned_labels(l: &tetragon::KnownLabels<'_>) -> tetragon::KnownLabels<'static> {
+    let own = |v: &Option<Cow<'_, str>>| v.as_ref().map(|s| Cow::Owned(s.to_string()));
+    tetragon::KnownLabels {
+        pod_template_hash: own(&l.pod_template_hash),
+        statefulset_pod_name: own(&l.statefulset_pod_name),
+        pod_index: own(&l.pod_index),
+        pod_template_generation: own(&l.pod_template_generation),
+        job_name: own(&l.job_name),
+        job_name_legacy: own(&l.job_name_legacy),
+    }
 }
 
 /// Input formats.
@@ -181,7 +352,14 @@ impl Ingest {
 
     /// Lines read so far.
     pub fn lines(&self) -> u64 {
-        self.report.lines
+        self.tally.report.lines
+    }
+
+    fn jobs(&self) -> usize {
+        match self.opts.jobs {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
     }
 
     /// Reads one file (or `-`), detecting gzip and the format. `progress` is called
@@ -210,8 +388,10 @@ impl Ingest {
             Box::new(head)
         };
         let format = detect(&mut reader).map_err(io_err)?;
-        self.report.inputs.push(name.clone());
+        self.tally.report.inputs.push(name.clone());
+        let jobs = self.jobs();
         match format {
+            Format::Tetragon if jobs > 1 => self.read_tetragon_parallel(&name, &mut reader, jobs, BLOCK),
             Format::Tetragon => self.read_tetragon(&name, &mut reader),
             Format::Strace => {
                 let key = self
@@ -228,15 +408,92 @@ impl Ingest {
     /// Reads Tetragon lines from `reader`, naming them `source` in reports.
     pub fn read_tetragon(&mut self, source: &str, reader: &mut dyn BufRead) -> io::Result<()> {
         let opts = self.opts.tetragon;
-        for_each_line(
-            reader,
-            &mut self.report,
-            source,
-            |report, line_no, line| match tetragon::parse_line(line, &opts) {
-                Ok(p) => apply_tetragon(&mut self.baselines, report, p),
-                Err(reason) => report.malformed(source, line_no, reason),
-            },
-        )
+        let tally = &mut self.tally;
+        let lines = for_each_line(reader, |n, line| match line {
+            Ok(text) => tally.tetragon_line(&opts, source, n, text),
+            Err(reason) => tally.report.malformed(source, n, reason),
+        })?;
+        tally.report.lines += lines;
+        Ok(())
+    }
+
+    /// [`Ingest::read_tetragon`] on `jobs` threads: this thread reads `block`-sized,
+    /// newline-aligned chunks (decompressing, if the reader does) and the workers
+    /// parse them. Memory stays at a few blocks per thread whatever the input size,
+    /// and the result is exactly the single-threaded one: counts add up, baselines
+    /// merge (commutative and associative), and malformed lines keep their numbers
+    /// and order.
+    pub fn read_tetragon_parallel(
+        &mut self,
+        source: &str,
+        reader: &mut dyn Read,
+        jobs: usize,
+        block: usize,
+    ) -> io::Result<()> {
+        let opts = self.opts.tetragon;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(jobs);
+        let rx = std::sync::Mutex::new(rx);
+        // Each worker keeps one running tally (baselines and counters merge in any
+        // order); what has an order — malformed lines, dropped-event reports — is
+        // kept per block and put back in block order at the end.
+        let results = std::thread::scope(|scope| -> io::Result<Vec<(Tally, Vec<BlockOrdered>)>> {
+            let workers: Vec<_> = (0..jobs.max(1))
+                .map(|_| {
+                    let rx = &rx;
+                    scope.spawn(move || {
+                        let mut acc = Tally::default();
+                        let mut blocks = Vec::new();
+                        loop {
+                            let next = rx.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ()));
+                            let Ok((idx, bytes)) = next else { break };
+                            // Reading from memory cannot fail.
+                            let lines = for_each_line(&mut &bytes[..], |n, line| match line {
+                                Ok(text) => acc.tetragon_line(&opts, source, n, text),
+                                Err(reason) => acc.report.malformed(source, n, reason),
+                            })
+                            .unwrap_or_default();
+                            blocks.push(BlockOrdered {
+                                idx,
+                                lines,
+                                malformed_samples: std::mem::take(&mut acc.report.malformed_samples),
+                                dropped: std::mem::take(&mut acc.report.dropped),
+                            });
+                        }
+                        (acc, blocks)
+                    })
+                })
+                .collect();
+            let read = split_blocks(reader, block, |idx, bytes| tx.send((idx, bytes)).is_ok());
+            drop(tx);
+            let mut all = Vec::new();
+            for w in workers {
+                all.push(w.join().map_err(|_| io::Error::other("a parsing thread panicked"))?);
+            }
+            read?;
+            Ok(all)
+        })?;
+        let mut ordered = Vec::new();
+        for (acc, blocks) in results {
+            self.tally.absorb(acc);
+            ordered.extend(blocks);
+        }
+        ordered.sort_by_key(|b| b.idx);
+        // Line numbers count from the start of this input.
+        let mut before = 0;
+        for b in ordered {
+            let report = &mut self.tally.report;
+            for mut m in b.malformed_samples {
+                if report.malformed_samples.len() >= MALFORMED_SAMPLES {
+                    break;
+                }
+                m.line += before;
+                report.malformed_samples.push(m);
+            }
+            report.dropped.extend(b.dropped);
+            report.lines += b.lines;
+            before += b.lines;
+        }
+        Ok(())
     }
 
     /// Reads strace lines from `reader` into `key`'s baseline; `file_pid` is the pid
@@ -249,10 +506,15 @@ impl Ingest {
         file_pid: Option<u32>,
     ) -> io::Result<()> {
         let mut parser = StraceParser::new(self.opts.tetragon.default_abi, file_pid);
-        let baseline = self.baselines.entry(key.clone()).or_insert_with(|| Baseline::new(key));
+        let Tally { baselines, report, .. } = &mut self.tally;
+        let baseline = baselines.entry(key.clone()).or_insert_with(|| Baseline::new(key));
         // Processes are counted by pid; a log without pids is one process.
         let mut pids = std::collections::HashSet::new();
-        for_each_line(reader, &mut self.report, source, |report, line_no, line| {
+        let lines = for_each_line(reader, |line_no, line| {
+            let line = match line {
+                Ok(text) => text,
+                Err(reason) => return report.malformed(source, line_no, reason),
+            };
             match parser.parse_line(line) {
                 Ok(StraceEvent::Syscall { pid, abi, name, .. }) => {
                     if pids.insert(pid) {
@@ -271,17 +533,20 @@ impl Ingest {
                 Ok(StraceEvent::Signal { .. } | StraceEvent::Noise) => {}
                 Err(reason) => report.malformed(source, line_no, reason),
             }
-        })
+        })?;
+        report.lines += lines;
+        Ok(())
     }
 
     /// Ends the run: the baselines, sorted by key, each charged with the events
     /// Tetragon dropped on the nodes it ran on; and the report.
     pub fn finish(self) -> (Vec<Baseline>, IngestReport) {
+        let Tally { baselines, report, .. } = self.tally;
         let mut dropped_per_node: HashMap<&str, u64> = HashMap::new();
-        for d in &self.report.dropped {
+        for d in &report.dropped {
             *dropped_per_node.entry(d.node.as_str()).or_default() += d.count;
         }
-        let mut baselines: Vec<Baseline> = self.baselines.into_values().collect();
+        let mut baselines: Vec<Baseline> = baselines.into_values().collect();
         for b in &mut baselines {
             b.dropped_on_nodes += b
                 .nodes
@@ -290,103 +555,78 @@ impl Ingest {
                 .sum::<u64>();
         }
         baselines.sort_by(|a, b| a.key.cmp(&b.key));
-        (baselines, self.report)
+        (baselines, report)
     }
 }
 
-fn baseline_for<'m>(map: &'m mut HashMap<WorkloadKey, Baseline>, key: &WorkloadKey) -> &'m mut Baseline {
-    if !map.contains_key(key) {
-        map.insert(key.clone(), Baseline::new(key.clone()));
-    }
-    // Inserted just above when absent.
-    map.get_mut(key).unwrap_or_else(|| unreachable!())
-}
-
-fn apply_tetragon(map: &mut HashMap<WorkloadKey, Baseline>, report: &mut IngestReport, p: tetragon::Parsed<'_>) {
-    let node = p.node.as_deref();
-    let t = p.time;
-    match p.event {
-        TetragonEvent::Syscall { source, abi, name } => {
-            touch(map, report, &source, node, t).record_syscall(name, abi, t);
-            report.syscall_events += 1;
-        }
-        TetragonEvent::Exec(source) => {
-            touch(map, report, &source, node, t).processes += 1;
-            report.process_events += 1;
-        }
-        TetragonEvent::Exit(source) => {
-            touch(map, report, &source, node, t).exits += 1;
-            report.process_events += 1;
-        }
-        TetragonEvent::NotInInitTree(key) => {
-            baseline_for(map, &key).excluded.not_in_init_tree += 1;
-            report.not_in_init_tree += 1;
-        }
-        TetragonEvent::UnknownSyscall { source, what } => {
-            touch(map, report, &source, node, t);
-            *report.unknown_syscalls.entry(what).or_default() += 1;
-        }
-        TetragonEvent::NotASyscall(source) => {
-            touch(map, report, &source, node, t);
-            report.not_a_syscall += 1;
-        }
-        TetragonEvent::Host => report.host_events += 1,
-        TetragonEvent::Dropped(count) => report.dropped.push(Dropped {
-            node: node.unwrap_or_default().to_string(),
-            time: t,
-            count,
-        }),
-        TetragonEvent::Other => report.other_events += 1,
-    }
-}
-
-/// The baseline `source` contributes to, with its pod, node and time recorded.
-fn touch<'m>(
-    map: &'m mut HashMap<WorkloadKey, Baseline>,
-    report: &mut IngestReport,
-    source: &Source<'_>,
-    node: Option<&str>,
-    t: Option<Timestamp>,
-) -> &'m mut Baseline {
-    let b = baseline_for(map, &source.key);
-    b.record_source(Some(&source.pod), node);
-    b.see_time(t);
-    if source.exec_probe {
-        b.exec_probe_events += 1;
-        report.exec_probe_events += 1;
-    }
-    b
-}
-
-/// Calls `f` with each line's number and text; lines that are not UTF-8 are
-/// reported malformed. Reads bytes, so one bad line never hides the next.
-fn for_each_line(
-    reader: &mut dyn BufRead,
-    report: &mut IngestReport,
-    source: &str,
-    mut f: impl FnMut(&mut IngestReport, u64, &str),
-) -> io::Result<()> {
+/// Calls `f` with each line's number (1-based within `reader`) and text, or the
+/// reason it is unusable (not UTF-8), and returns how many lines there were. Blank
+/// lines are counted but not passed on.
+/// Reads bytes, so one bad line never hides the next.
+fn for_each_line(reader: &mut dyn BufRead, mut f: impl FnMut(u64, Result<&str, String>)) -> io::Result<u64> {
     let mut buf = Vec::with_capacity(16 * 1024);
     let mut line_no = 0u64;
     loop {
         buf.clear();
         if reader.read_until(b'\n', &mut buf)? == 0 {
-            return Ok(());
+            return Ok(line_no);
         }
         line_no += 1;
-        report.lines += 1;
-        let text = match std::str::from_utf8(&buf) {
-            Ok(t) => t.trim_end_matches(['\n', '\r']),
-            Err(e) => {
-                report.malformed(source, line_no, format!("not UTF-8 (byte {})", e.valid_up_to()));
-                continue;
+        match std::str::from_utf8(&buf) {
+            Ok(t) => {
+                let text = t.trim_end_matches(['\n', '\r']);
+                if !text.trim().is_empty() {
+                    f(line_no, Ok(text));
+                }
             }
-        };
-        if text.trim().is_empty() {
-            continue;
+            Err(e) => f(line_no, Err(format!("not UTF-8 (byte {})", e.valid_up_to()))),
         }
-        f(report, line_no, text);
     }
+}
+
+/// Cuts `reader` into chunks of about `block` bytes that end at a newline (a line
+/// longer than `block` makes its chunk longer) and hands each to `send` with its
+/// index; stops early when `send` returns false.
+fn split_blocks(reader: &mut dyn Read, block: usize, mut send: impl FnMut(usize, Vec<u8>) -> bool) -> io::Result<()> {
+    let mut carry: Vec<u8> = Vec::new();
+    let mut idx = 0;
+    loop {
+        let mut buf = Vec::with_capacity(block + carry.len());
+        buf.append(&mut carry);
+        let mut eof = false;
+        // Fill to `block`, then keep reading `block`-sized pieces until one holds a
+        // newline; only the new piece is searched.
+        let mut searched = 0;
+        loop {
+            let want = if buf.len() < block { block - buf.len() } else { block };
+            let n = reader.take(want as u64).read_to_end(&mut buf)?;
+            if n == 0 {
+                eof = true;
+                break;
+            }
+            if buf.len() >= block {
+                if let Some(pos) = memchr_last(&buf[searched..]) {
+                    carry = buf.split_off(searched + pos + 1);
+                    break;
+                }
+                searched = buf.len();
+            }
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if !send(idx, buf) {
+            return Ok(());
+        }
+        idx += 1;
+        if eof && carry.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+fn memchr_last(buf: &[u8]) -> Option<usize> {
+    buf.iter().rposition(|b| *b == b'\n')
 }
 
 /// Tetragon exports are JSON objects, one per line; anything else is taken for strace.
@@ -484,6 +724,7 @@ mod tests {
                 include_non_init: false,
             },
             strace_key: None,
+            jobs: 1,
         }
     }
 
@@ -600,6 +841,80 @@ mod tests {
         assert_eq!(baselines[0].processes, 2);
     }
 
+    /// Synthetic input with every kind of bad line, so the parallel reader has
+    /// something to get wrong: broken JSON, invalid UTF-8, blank lines, CRLF, a
+    /// line far longer than a block, and no newline at the end.
+    fn messy_input() -> Vec<u8> {
+        let mut clean = Vec::new();
+        crate::synth::generate(&mut clean, 3_000_000, &crate::synth::SynthOptions::default()).unwrap();
+        let mut out = Vec::new();
+        for (i, line) in clean.split_inclusive(|b| *b == b'\n').enumerate() {
+            match i % 97 {
+                5 => out.extend_from_slice(b"{\"process_kprobe\": {\"truncated\n"),
+                11 => out.extend_from_slice(b"\xff\xfe\n"),
+                17 => out.extend_from_slice(b"\n   \n"),
+                23 => {
+                    out.extend_from_slice(&line[..line.len() - 1]);
+                    out.extend_from_slice(b"\r\n");
+                    continue;
+                }
+                _ => {}
+            }
+            if i == 300 {
+                out.extend_from_slice(b"{\"other\":\"");
+                out.extend(std::iter::repeat_n(b'x', 200_000));
+                out.extend_from_slice(b"\"}\n");
+            }
+            out.extend_from_slice(line);
+        }
+        out.extend_from_slice(b"{\"process_exec\":");
+        out
+    }
+
+    #[test]
+    fn parallel_ingest_equals_single_threaded_exactly() {
+        let input = messy_input();
+        let serial = {
+            let mut i = Ingest::new(x86());
+            i.read_tetragon("in", &mut &input[..]).unwrap();
+            i.finish()
+        };
+        assert!(
+            serial.1.malformed > 20,
+            "the input has bad lines: {}",
+            serial.1.malformed
+        );
+        for (jobs, block) in [(2, 64 << 10), (3, 100_000), (4, 1 << 20), (2, BLOCK)] {
+            let mut i = Ingest::new(x86());
+            i.read_tetragon_parallel("in", &mut &input[..], jobs, block).unwrap();
+            let parallel = i.finish();
+            assert_eq!(parallel.1, serial.1, "report, jobs {jobs}, block {block}");
+            assert_eq!(parallel.0, serial.0, "baselines, jobs {jobs}, block {block}");
+        }
+    }
+
+    #[test]
+    fn line_numbers_restart_per_input_in_both_readers() {
+        let bad = b"{\n".to_vec();
+        for jobs in [1, 2] {
+            let mut i = Ingest::new(IngestOptions { jobs, ..x86() });
+            let dir = tempfile::tempdir().unwrap();
+            for name in ["a.json", "b.json"] {
+                let f = dir.path().join(name);
+                std::fs::write(&f, [GOOD.as_bytes(), b"\n", &bad].concat()).unwrap();
+                i.read_file(&f, &mut |_| {}).unwrap();
+            }
+            let (_, report) = i.finish();
+            let where_: Vec<(bool, u64)> = report
+                .malformed_samples
+                .iter()
+                .map(|m| (m.source.ends_with("b.json"), m.line))
+                .collect();
+            assert_eq!(where_, [(false, 2), (true, 2)], "jobs {jobs}");
+            assert_eq!(report.lines, 4);
+        }
+    }
+
     #[test]
     fn a_missing_input_is_an_error_naming_it() {
         let mut ingest = Ingest::new(x86());
@@ -622,6 +937,7 @@ mod strace_samples {
                 include_non_init: false,
             },
             strace_key: Some(key),
+            jobs: 1,
         });
         for f in Ingest::expand(path).unwrap() {
             ingest.read_file(&f, &mut |_| {}).unwrap();

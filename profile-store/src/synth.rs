@@ -8,11 +8,46 @@ use std::io::{self, Write};
 
 /// Syscalls the generated workloads make, most frequent first.
 const CALLS: [&str; 40] = [
-    "read", "write", "futex", "epoll_wait", "recvfrom", "sendto", "openat", "close", "newfstatat", "mmap",
-    "munmap", "mprotect", "brk", "rt_sigaction", "rt_sigprocmask", "getpid", "gettid", "clock_gettime",
-    "nanosleep", "accept4", "socket", "connect", "bind", "listen", "setsockopt", "getsockopt", "ioctl",
-    "fcntl", "lseek", "pread64", "pwrite64", "writev", "readv", "getdents64", "clone3", "execve", "wait4",
-    "exit_group", "getrandom", "statx",
+    "read",
+    "write",
+    "futex",
+    "epoll_wait",
+    "recvfrom",
+    "sendto",
+    "openat",
+    "close",
+    "newfstatat",
+    "mmap",
+    "munmap",
+    "mprotect",
+    "brk",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "getpid",
+    "gettid",
+    "clock_gettime",
+    "nanosleep",
+    "accept4",
+    "socket",
+    "connect",
+    "bind",
+    "listen",
+    "setsockopt",
+    "getsockopt",
+    "ioctl",
+    "fcntl",
+    "lseek",
+    "pread64",
+    "pwrite64",
+    "writev",
+    "readv",
+    "getdents64",
+    "clone3",
+    "execve",
+    "wait4",
+    "exit_group",
+    "getrandom",
+    "statx",
 ];
 
 /// What to generate.
@@ -85,7 +120,12 @@ fn process(w: Option<(&Workload, usize)>, pid: u32, in_init: bool, rng: &mut fas
                 let labels = w.labels.replace("POD", &name).replace("IDX", &replica.to_string());
                 (name.clone(), labels, name, "Pod")
             } else {
-                (format!("{}{:05x}", w.pod_prefix, replica * 7919 % 0xfffff), w.labels.clone(), w.workload.clone(), w.kind)
+                (
+                    format!("{}{:05x}", w.pod_prefix, replica * 7919 % 0xfffff),
+                    w.labels.clone(),
+                    w.workload.clone(),
+                    w.kind,
+                )
             };
             format!(
                 r#","pod":{{"namespace":"{ns}","name":"{name}","container":{{"id":"containerd://{cid:064x}","name":"{c}","image":{{"id":"{img}@sha256:{digest:064x}","name":"{img}:1.{v}"}},"start_time":"2024-05-01T10:00:00Z","pid":1{probe}}},"pod_labels":{{{labels}}},"workload":"{workload}","workload_kind":"{kind}"}}"#,
@@ -95,7 +135,11 @@ fn process(w: Option<(&Workload, usize)>, pid: u32, in_init: bool, rng: &mut fas
                 img = w.image,
                 digest = u128::from(pid) * 17,
                 v = pid % 9,
-                probe = if !in_init && pid % 3 == 0 { r#","maybe_exec_probe":true"# } else { "" },
+                probe = if !in_init && pid.is_multiple_of(3) {
+                    r#","maybe_exec_probe":true"#
+                } else {
+                    ""
+                },
             )
         }
     };
@@ -116,14 +160,16 @@ pub fn generate(out: &mut dyn Write, bytes: u64, opts: &SynthOptions) -> io::Res
     while written < bytes {
         t += rng.u64(1_000..5_000_000);
         let (secs, nanos) = (t / 1_000_000_000, t % 1_000_000_000);
-        let time = jiff::Timestamp::new(secs as i64, nanos as i32).map(|ts| ts.to_string()).unwrap_or_default();
+        let time = jiff::Timestamp::new(secs as i64, nanos as i32)
+            .map(|ts| ts.to_string())
+            .unwrap_or_default();
         let node = format!("node-{}", rng.usize(..40));
         let roll = rng.u32(..1000);
         let w = &ws[rng.usize(..ws.len())];
         let replica = rng.usize(..opts.pods_per_workload.max(1));
         let pid = rng.u32(100..4_000_000);
-        let host = roll % 50 == 0;
-        let in_init = roll % 97 != 0;
+        let host = roll.is_multiple_of(50);
+        let in_init = !roll.is_multiple_of(97);
         let who = if host { None } else { Some((w, replica)) };
         line.clear();
         if roll == 999 {
@@ -134,7 +180,9 @@ pub fn generate(out: &mut dyn Write, bytes: u64, opts: &SynthOptions) -> io::Res
         } else if roll < 100 {
             let p = process(who, pid, in_init, &mut rng);
             let parent = process(who, pid.saturating_sub(1), true, &mut rng);
-            line.push_str(&format!(r#"{{"process_exec":{{"process":{p},"parent":{parent}}},"node_name":"{node}","time":"{time}"}}"#));
+            line.push_str(&format!(
+                r#"{{"process_exec":{{"process":{p},"parent":{parent}}},"node_name":"{node}","time":"{time}"}}"#
+            ));
         } else if roll < 150 {
             let p = process(who, pid, in_init, &mut rng);
             line.push_str(&format!(r#"{{"process_exit":{{"process":{p},"signal":"","status":0,"time":"{time}"}},"node_name":"{node}","time":"{time}"}}"#));
@@ -176,7 +224,16 @@ mod tests {
         let mut buf = Vec::new();
         generate(&mut buf, 2_000_000, &SynthOptions::default()).unwrap();
         let text = String::from_utf8(buf).unwrap();
-        for shape in ["\"syscall_id\":", "\"size_arg\":\"", "\"long_arg\":\"", "__x64_sys_", "process_exec", "process_exit", "rate_limit_info", "\"in_init_tree\":false"] {
+        for shape in [
+            "\"syscall_id\":",
+            "\"size_arg\":\"",
+            "\"long_arg\":\"",
+            "__x64_sys_",
+            "process_exec",
+            "process_exit",
+            "rate_limit_info",
+            "\"in_init_tree\":false",
+        ] {
             assert!(text.contains(shape), "{shape}");
         }
         let mut ingest = Ingest::new(IngestOptions::default());

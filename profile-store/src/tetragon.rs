@@ -8,7 +8,6 @@ use jiff::Timestamp;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 
 /// Tetragon marks the syscall numbers of 32-bit (compat) tasks with this bit.
@@ -33,13 +32,91 @@ impl Default for TetragonOptions {
     }
 }
 
+/// Labels that tell which controller made a pod; all other labels are skipped
+/// while parsing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
+pub struct KnownLabels<'a> {
+    /// `pod-template-hash`.
+    #[serde(borrow, default, rename = "pod-template-hash")]
+    pub pod_template_hash: Option<Cow<'a, str>>,
+    /// `statefulset.kubernetes.io/pod-name`.
+    #[serde(borrow, default, rename = "statefulset.kubernetes.io/pod-name")]
+    pub statefulset_pod_name: Option<Cow<'a, str>>,
+    /// `apps.kubernetes.io/pod-index`.
+    #[serde(borrow, default, rename = "apps.kubernetes.io/pod-index")]
+    pub pod_index: Option<Cow<'a, str>>,
+    /// `pod-template-generation`.
+    #[serde(borrow, default, rename = "pod-template-generation")]
+    pub pod_template_generation: Option<Cow<'a, str>>,
+    /// `batch.kubernetes.io/job-name`.
+    #[serde(borrow, default, rename = "batch.kubernetes.io/job-name")]
+    pub job_name: Option<Cow<'a, str>>,
+    /// `job-name`.
+    #[serde(borrow, default, rename = "job-name")]
+    pub job_name_legacy: Option<Cow<'a, str>>,
+}
+
+impl KnownLabels<'_> {
+    /// The value of label `key`, if it is one of the known ones and present.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        use crate::key::labels;
+        let v = match key {
+            labels::POD_TEMPLATE_HASH => &self.pod_template_hash,
+            labels::STATEFULSET_POD_NAME => &self.statefulset_pod_name,
+            labels::POD_INDEX => &self.pod_index,
+            labels::POD_TEMPLATE_GENERATION => &self.pod_template_generation,
+            labels::JOB_NAME => &self.job_name,
+            labels::JOB_NAME_LEGACY => &self.job_name_legacy,
+            _ => return None,
+        };
+        v.as_deref()
+    }
+}
+
+/// Who made an event: the pod and container as Tetragon reports them. Turning
+/// this into a [`WorkloadKey`] ([`Who::key`]) validates and allocates, so callers
+/// that see the same pod many times cache it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Who<'a> {
+    /// The event kind, to name the field in errors.
+    pub event: &'static str,
+    /// `pod.namespace`.
+    pub namespace: Cow<'a, str>,
+    /// `pod.name`: the replica.
+    pub pod: Cow<'a, str>,
+    /// `pod.container.name`.
+    pub container: Cow<'a, str>,
+    /// `pod.workload`.
+    pub workload: Option<Cow<'a, str>>,
+    /// `pod.workload_kind`.
+    pub workload_kind: Option<Cow<'a, str>>,
+    /// The controller labels.
+    pub labels: KnownLabels<'a>,
+}
+
+impl Who<'_> {
+    /// The workload key, normalized as [`key_from_observation`] does; the error
+    /// names the field.
+    pub fn key(&self) -> Result<WorkloadKey, String> {
+        key_from_observation(
+            ObservedPod {
+                namespace: &self.namespace,
+                name: &self.pod,
+                workload: self.workload.as_deref(),
+                workload_kind: self.workload_kind.as_deref(),
+            },
+            |k| self.labels.get(k),
+            &self.container,
+        )
+        .map_err(|e| format!("field `{}.process.pod`: {e}", self.event))
+    }
+}
+
 /// The pod an event came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source<'a> {
-    /// The workload container's key.
-    pub key: WorkloadKey,
-    /// The pod's own name (a replica).
-    pub pod: Cow<'a, str>,
+    /// Who.
+    pub who: Who<'a>,
     /// Whether the process is an exec probe run from outside the init tree.
     pub exec_probe: bool,
 }
@@ -62,7 +139,7 @@ pub enum TetragonEvent<'a> {
     Exit(Source<'a>),
     /// An event of a process entered from outside the container (`kubectl exec`):
     /// left out of the baseline.
-    NotInInitTree(WorkloadKey),
+    NotInInitTree(Who<'a>),
     /// A syscall number or syscall function the tables do not know.
     UnknownSyscall {
         /// Where.
@@ -162,7 +239,7 @@ struct RawPod<'a> {
     #[serde(borrow, default)]
     container: Option<RawContainer<'a>>,
     #[serde(borrow, default, alias = "podLabels")]
-    pod_labels: Option<HashMap<Cow<'a, str>, Cow<'a, str>>>,
+    pod_labels: Option<KnownLabels<'a>>,
     #[serde(borrow, default)]
     workload: Option<Cow<'a, str>>,
     #[serde(borrow, default, alias = "workloadKind")]
@@ -350,7 +427,7 @@ fn syscall_number(arg: Option<RawArg<'_>>, default_abi: Abi) -> Result<(Abi, u64
 fn with_source<'a>(
     process: Option<RawProcess<'a>>,
     opts: &TetragonOptions,
-    event: &str,
+    event: &'static str,
     f: impl FnOnce(Source<'a>) -> Result<TetragonEvent<'a>, String>,
 ) -> Result<TetragonEvent<'a>, String> {
     let Some(process) = process else {
@@ -359,27 +436,24 @@ fn with_source<'a>(
     let Some(pod) = process.pod else {
         return Ok(TetragonEvent::Host);
     };
-    let container = pod.container.as_ref();
-    let container_name = container.map(|c| c.name.as_ref()).unwrap_or_default();
-    let labels = pod.pod_labels.as_ref();
-    let key = key_from_observation(
-        ObservedPod {
-            namespace: &pod.namespace,
-            name: &pod.name,
-            workload: pod.workload.as_deref(),
-            workload_kind: pod.workload_kind.as_deref(),
-        },
-        |k| labels.and_then(|l| l.get(k)).map(|v| v.as_ref()),
-        container_name,
-    )
-    .map_err(|e| format!("field `{event}.process.pod`: {e}"))?;
-    let exec_probe = container.and_then(|c| c.maybe_exec_probe).unwrap_or(false);
+    let (container, exec_probe) = match pod.container {
+        Some(c) => (c.name, c.maybe_exec_probe.unwrap_or(false)),
+        None => (Cow::Borrowed(""), false),
+    };
+    let who = Who {
+        event,
+        namespace: pod.namespace,
+        pod: pod.name,
+        container,
+        workload: pod.workload,
+        workload_kind: pod.workload_kind,
+        labels: pod.pod_labels.unwrap_or_default(),
+    };
     if process.in_init_tree == Some(false) && !exec_probe && !opts.include_non_init {
-        return Ok(TetragonEvent::NotInInitTree(key));
+        return Ok(TetragonEvent::NotInInitTree(who));
     }
     f(Source {
-        key,
-        pod: pod.name,
+        who,
         exec_probe: exec_probe && process.in_init_tree == Some(false),
     })
 }
@@ -411,7 +485,10 @@ mod tests {
     fn syscall(line: &str) -> (Abi, &'static str) {
         match parse_line(line, &opts()).unwrap().event {
             TetragonEvent::Syscall { abi, name, source } => {
-                assert_eq!(source.key.to_string(), "default/deployment/xwing/spaceship");
+                assert_eq!(
+                    source.who.key().unwrap().to_string(),
+                    "default/deployment/xwing/spaceship"
+                );
                 (abi, name)
             }
             other => panic!("not a syscall: {other:?}"),
@@ -554,7 +631,10 @@ mod tests {
         assert!(parse_line(bad_time, &opts()).unwrap_err().contains("field `time`"));
         let bad_ns =
             r#"{"process_exec":{"process":{"pod":{"namespace":"Bad NS","name":"p","container":{"name":"c"}}}}}"#;
-        let err = parse_line(bad_ns, &opts()).unwrap_err();
+        let TetragonEvent::Exec(source) = parse_line(bad_ns, &opts()).unwrap().event else {
+            panic!("not an exec")
+        };
+        let err = source.who.key().unwrap_err();
         assert!(
             err.contains("process_exec.process.pod") && err.contains("namespace"),
             "{err}"
