@@ -27,7 +27,12 @@ pub(crate) enum BenchCommand {
 
 pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::GenTetragon { bytes, out, workloads, seed } => {
+        BenchCommand::GenTetragon {
+            bytes,
+            out,
+            workloads,
+            seed,
+        } => {
             let opts = profile_store::synth::SynthOptions {
                 workloads,
                 seed,

@@ -8,6 +8,7 @@ use crate::strace::{StraceEvent, StraceParser};
 use crate::tetragon::{self, Source, TetragonEvent, TetragonOptions};
 use flate2::read::MultiGzDecoder;
 use jiff::Timestamp;
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -139,14 +140,15 @@ pub const BLOCK: usize = 4 << 20;
 /// the same pods come back on every line).
 #[derive(Debug, Default)]
 struct Tally {
-    baselines: HashMap<WorkloadKey, Baseline>,
+    baselines: FxHashMap<WorkloadKey, Baseline>,
     report: IngestReport,
-    keys: HashMap<u64, (tetragon::Who<'static>, WorkloadKey)>,
+    keys: FxHashMap<u64, (tetragon::Who<'static>, WorkloadKey)>,
+    buffers: tetragon::Buffers,
 }
 
 fn who_hash(who: &tetragon::Who<'_>) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
+    let mut h = rustc_hash::FxHasher::default();
     who.hash(&mut h);
     h.finish()
 }
@@ -207,8 +209,8 @@ impl Tally {
     }
 
     /// One Tetragon line.
-    fn tetragon_line(&mut self, opts: &TetragonOptions, source: &str, line_no: u64, line: &str) {
-        match tetragon::parse_line(line, opts) {
+    fn tetragon_line(&mut self, opts: &TetragonOptions, source: &str, line_no: u64, line: &mut [u8]) {
+        match tetragon::parse_line(line, opts, &mut self.buffers) {
             Ok(p) => {
                 if let Err(reason) = self.apply(p) {
                     self.report.malformed(source, line_no, reason);
@@ -445,13 +447,11 @@ impl Ingest {
                         let mut blocks = Vec::new();
                         loop {
                             let next = rx.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ()));
-                            let Ok((idx, bytes)) = next else { break };
-                            // Reading from memory cannot fail.
-                            let lines = for_each_line(&mut &bytes[..], |n, line| match line {
+                            let Ok((idx, mut bytes)) = next else { break };
+                            let lines = for_each_line_in(&mut bytes, |n, line| match line {
                                 Ok(text) => acc.tetragon_line(&opts, source, n, text),
                                 Err(reason) => acc.report.malformed(source, n, reason),
-                            })
-                            .unwrap_or_default();
+                            });
                             blocks.push(BlockOrdered {
                                 idx,
                                 lines,
@@ -511,7 +511,8 @@ impl Ingest {
         // Processes are counted by pid; a log without pids is one process.
         let mut pids = std::collections::HashSet::new();
         let lines = for_each_line(reader, |line_no, line| {
-            let line = match line {
+            // Checked as UTF-8 already.
+            let line = match line.map(|l| std::str::from_utf8(l).unwrap_or_default()) {
                 Ok(text) => text,
                 Err(reason) => return report.malformed(source, line_no, reason),
             };
@@ -563,7 +564,7 @@ impl Ingest {
 /// reason it is unusable (not UTF-8), and returns how many lines there were. Blank
 /// lines are counted but not passed on.
 /// Reads bytes, so one bad line never hides the next.
-fn for_each_line(reader: &mut dyn BufRead, mut f: impl FnMut(u64, Result<&str, String>)) -> io::Result<u64> {
+fn for_each_line(reader: &mut dyn BufRead, mut f: impl FnMut(u64, Result<&mut [u8], String>)) -> io::Result<u64> {
     let mut buf = Vec::with_capacity(16 * 1024);
     let mut line_no = 0u64;
     loop {
@@ -572,16 +573,37 @@ fn for_each_line(reader: &mut dyn BufRead, mut f: impl FnMut(u64, Result<&str, S
             return Ok(line_no);
         }
         line_no += 1;
-        match std::str::from_utf8(&buf) {
-            Ok(t) => {
-                let text = t.trim_end_matches(['\n', '\r']);
-                if !text.trim().is_empty() {
-                    f(line_no, Ok(text));
-                }
-            }
-            Err(e) => f(line_no, Err(format!("not UTF-8 (byte {})", e.valid_up_to()))),
-        }
+        one_line(line_no, &mut buf, &mut f);
     }
+}
+
+/// Checks one line (with its newline) and hands it on without the line end;
+/// blank lines are skipped.
+fn one_line(line_no: u64, line: &mut [u8], f: &mut impl FnMut(u64, Result<&mut [u8], String>)) {
+    match std::str::from_utf8(line) {
+        Ok(t) => {
+            let text = t.trim_end_matches(['\n', '\r']);
+            if !text.trim().is_empty() {
+                let len = text.len();
+                f(line_no, Ok(&mut line[..len]));
+            }
+        }
+        Err(e) => f(line_no, Err(format!("not UTF-8 (byte {})", e.valid_up_to()))),
+    }
+}
+
+/// [`for_each_line`] over bytes in memory, without copying them.
+fn for_each_line_in(bytes: &mut [u8], mut f: impl FnMut(u64, Result<&mut [u8], String>)) -> u64 {
+    let mut line_no = 0u64;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+        let (line, next) = std::mem::take(&mut rest).split_at_mut(end);
+        rest = next;
+        line_no += 1;
+        one_line(line_no, line, &mut f);
+    }
+    line_no
 }
 
 /// Cuts `reader` into chunks of about `block` bytes that end at a newline (a line
@@ -626,7 +648,7 @@ fn split_blocks(reader: &mut dyn Read, block: usize, mut send: impl FnMut(usize,
 }
 
 fn memchr_last(buf: &[u8]) -> Option<usize> {
-    buf.iter().rposition(|b| *b == b'\n')
+    memchr::memrchr(b'\n', buf)
 }
 
 /// Tetragon exports are JSON objects, one per line; anything else is taken for strace.

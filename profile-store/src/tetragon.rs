@@ -338,12 +338,29 @@ pub fn syscall_of_function(function: &str, default_abi: Abi) -> Result<Option<(A
     }
 }
 
-/// Parses one line of a Tetragon export.
+/// Scratch space the JSON parser reuses from line to line.
+pub struct Buffers(simd_json::Buffers);
+
+impl std::fmt::Debug for Buffers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Buffers")
+    }
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Buffers(simd_json::Buffers::new(8 * 1024))
+    }
+}
+
+/// Parses one line of a Tetragon export. The parser works in place: `line` is
+/// changed (unescaped strings), and the result borrows from it.
 ///
 /// Errors are the reason a line is malformed, naming the field; they never affect
 /// other lines.
-pub fn parse_line<'a>(line: &'a str, opts: &TetragonOptions) -> Result<Parsed<'a>, String> {
-    let raw: RawLine<'a> = serde_json::from_str(line).map_err(|e| e.to_string())?;
+pub fn parse_line<'a>(line: &'a mut [u8], opts: &TetragonOptions, buffers: &mut Buffers) -> Result<Parsed<'a>, String> {
+    let raw: RawLine<'a> =
+        simd_json::serde::from_slice_with_buffers(line, &mut buffers.0).map_err(|e| e.to_string())?;
     let time = match raw.time.as_deref() {
         Some(t) => Some(
             t.parse::<Timestamp>()
@@ -461,6 +478,12 @@ fn with_source<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Parses a test line (the buffer is leaked: tests only).
+    fn parse_line(line: &str, opts: &TetragonOptions) -> Result<Parsed<'static>, String> {
+        let buf: &'static mut [u8] = Box::leak(line.as_bytes().to_vec().into_boxed_slice());
+        super::parse_line(buf, opts, &mut Buffers::default())
+    }
 
     fn opts() -> TetragonOptions {
         TetragonOptions {
