@@ -141,54 +141,32 @@ pub(crate) fn run(args: BuildArgs) -> Result<()> {
     let (baselines, report) = ingest.finish();
     let store = FsStore::open_or_create(&args.store.store)?;
     let now = jiff::Timestamp::now();
-    let mut rows = Vec::new();
-    for observed in &baselines {
-        let key = observed.key.clone();
-        let mut outcome: Option<RenderOutcome> = None;
-        let record = store
-            .update(&key, &mut |record| {
-                record.baseline.merge(observed);
-                // A profile from no syscalls at all would only hold the runtime's set
-                // and break the workload once enforced: render nothing until some
-                // syscalls are seen.
-                if !record.baseline.syscalls.is_empty() {
-                    outcome = Some(render_version(&store, record, &runtime, &args.runtime, args.arch, now)?);
-                }
-                Ok(())
+    // Workloads are independent on disk: update them on several threads so that
+    // their fsyncs overlap (a build touches hundreds of workloads).
+    let threads = baselines.len().clamp(1, STORE_THREADS);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Vec<(usize, Result<Row>)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(observed) = baselines.get(i) else { break };
+                        done.push((i, update_one(&store, observed, &runtime, &args, now)));
+                    }
+                    done
+                })
             })
-            .with_context(|| format!("updating {key} in {}", args.store.store.display()))?;
-        let b = &record.baseline;
-        let conv = b.convergence();
-        let (allowed, added, removed, needs_review, version, new_version) = match outcome {
-            Some(o) => (
-                o.rendered.profile.allowed().len(),
-                o.added,
-                o.removed,
-                o.rendered.needs_review,
-                o.rendered.version.to_string(),
-                o.new_version,
-            ),
-            None => (0, Vec::new(), Vec::new(), Vec::new(), String::new(), false),
-        };
-        rows.push(Row {
-            key: key.to_string(),
-            events: observed.events,
-            allowed,
-            added,
-            removed,
-            needs_review,
-            excluded: b.excluded.not_in_init_tree,
-            exec_probe_events: b.exec_probe_events,
-            dropped_on_nodes: b.dropped_on_nodes,
-            pods: b.pods.len(),
-            nodes: b.nodes.len(),
-            window_seconds: conv.map(|c| c.window.as_secs()),
-            quiet_seconds: conv.map(|c| c.quiet.as_secs()),
-            converged: conv.map(|c| c.converged),
-            version,
-            new_version,
-        });
-    }
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().map_err(|_| anyhow::anyhow!("a store update thread panicked")))
+            .collect::<Result<_>>()
+    })?;
+    let mut results: Vec<(usize, Result<Row>)> = results.into_iter().flatten().collect();
+    results.sort_by_key(|(i, _)| *i);
+    let rows = results.into_iter().map(|(_, r)| r).collect::<Result<Vec<Row>>>()?;
 
     if args.json.json {
         let out = Output {
@@ -201,6 +179,64 @@ pub(crate) fn run(args: BuildArgs) -> Result<()> {
         print_report(&report);
     }
     Ok(())
+}
+
+/// Threads updating the store at the end of a build.
+const STORE_THREADS: usize = 16;
+
+/// Merges one workload's observations into the store and renders its version.
+fn update_one(
+    store: &FsStore,
+    observed: &profile_store::Baseline,
+    runtime: &RuntimeBase,
+    args: &BuildArgs,
+    now: jiff::Timestamp,
+) -> Result<Row> {
+    let key = observed.key.clone();
+    let mut outcome: Option<RenderOutcome> = None;
+    let record = store
+        .update(&key, &mut |record| {
+            record.baseline.merge(observed);
+            // A profile from no syscalls at all would only hold the runtime's set
+            // and break the workload once enforced: render nothing until some
+            // syscalls are seen.
+            if !record.baseline.syscalls.is_empty() {
+                outcome = Some(render_version(store, record, runtime, &args.runtime, args.arch, now)?);
+            }
+            Ok(())
+        })
+        .with_context(|| format!("updating {key} in {}", args.store.store.display()))?;
+    let b = &record.baseline;
+    let conv = b.convergence();
+    let (allowed, added, removed, needs_review, version, new_version) = match outcome {
+        Some(o) => (
+            o.rendered.profile.allowed().len(),
+            o.added,
+            o.removed,
+            o.rendered.needs_review,
+            o.rendered.version.to_string(),
+            o.new_version,
+        ),
+        None => (0, Vec::new(), Vec::new(), Vec::new(), String::new(), false),
+    };
+    Ok(Row {
+        key: key.to_string(),
+        events: observed.events,
+        allowed,
+        added,
+        removed,
+        needs_review,
+        excluded: b.excluded.not_in_init_tree,
+        exec_probe_events: b.exec_probe_events,
+        dropped_on_nodes: b.dropped_on_nodes,
+        pods: b.pods.len(),
+        nodes: b.nodes.len(),
+        window_seconds: conv.map(|c| c.window.as_secs()),
+        quiet_seconds: conv.map(|c| c.quiet.as_secs()),
+        converged: conv.map(|c| c.converged),
+        version,
+        new_version,
+    })
 }
 
 fn print_table(rows: &[Row]) {

@@ -195,7 +195,7 @@ pub trait ProfileStore {
 ///
 /// ```text
 /// DIR/tether-store.json                          {"format": 1}
-/// DIR/.lock                                      writers hold an exclusive lock on it
+/// DIR/workloads/<ns>/<kind>/<name>/<container>/.lock  a writer of that workload holds it
 /// DIR/workloads/<ns>/<kind>/<name>/<container>/record.json
 /// DIR/workloads/<ns>/<kind>/<name>/<container>/versions/<version>.json
 /// ```
@@ -285,8 +285,13 @@ impl FsStore {
         self.dir(key).join("record.json")
     }
 
-    fn lock(&self) -> Result<File, StoreError> {
-        let path = self.root.join(".lock");
+    /// Locks one workload's record for writing. Workloads have nothing in common on
+    /// disk, so writers of different workloads (a build updating hundreds of them)
+    /// proceed side by side, and their fsyncs overlap.
+    fn lock(&self, key: &WorkloadKey) -> Result<File, StoreError> {
+        let dir = self.dir(key);
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = dir.join(".lock");
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -403,7 +408,7 @@ impl ProfileStore for FsStore {
         key: &WorkloadKey,
         f: &mut dyn FnMut(&mut WorkloadRecord) -> Result<(), StoreError>,
     ) -> Result<WorkloadRecord, StoreError> {
-        let _lock = self.lock()?;
+        let _lock = self.lock(key)?;
         let path = self.record_path(key);
         let mut record = read_json(&path)?.unwrap_or_else(|| WorkloadRecord::new(key.clone()));
         let before = record.clone();
