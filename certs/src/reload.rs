@@ -208,7 +208,7 @@ impl ReloadingResolver {
     fn start_notify(&self, tx: tokio::sync::mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
         use notify::Watcher;
         let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            if is_change(&event) {
                 let _ = tx.send(());
             }
         }) {
@@ -235,6 +235,15 @@ impl ReloadingResolver {
         }
         Some(watcher)
     }
+}
+
+/// Whether a file-watch event reports a change. Reads (open, close without
+/// write) are not changes: reacting to them makes every reload, which reads the
+/// files, trigger the next one.
+pub fn is_change(event: &notify::Result<notify::Event>) -> bool {
+    event
+        .as_ref()
+        .is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_)))
 }
 
 impl ResolvesServerCert for ReloadingResolver {

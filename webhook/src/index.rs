@@ -156,7 +156,7 @@ pub fn watch_store(
     use notify::Watcher;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if certs::reload::is_change(&event) {
             let _ = tx.send(());
         }
     })
@@ -212,5 +212,54 @@ pub struct StoreWatch {
 impl Drop for StoreWatch {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+    use profile_store::{FsStore, ProfileStore};
+
+    /// Regression: the index refresh reads every record, and the directory watch
+    /// took those reads for changes, so an idle webhook reloaded its index without
+    /// end (86% of a core with 10,000 profiles).
+    #[tokio::test]
+    async fn an_idle_store_is_not_reloaded_by_the_index_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open_or_create(dir.path()).unwrap();
+        let key: WorkloadKey = "ns/pod/p/c".parse().unwrap();
+        store
+            .update(&key, &mut |r| {
+                r.baseline.events = 1;
+                Ok(())
+            })
+            .unwrap();
+        let shared = Arc::new(SharedIndex::default());
+        let _watch = watch_store(
+            shared.clone(),
+            store.clone(),
+            std::time::Duration::from_secs(30),
+            crate::metrics::Metrics::default(),
+        );
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while shared.get().loaded_at.is_none() {
+            assert!(Instant::now() < deadline, "never loaded");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let first = shared.get().loaded_at;
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        assert_eq!(shared.get().loaded_at, first, "the index reloaded with nothing changed");
+        // A real change is still seen quickly.
+        store
+            .update(&key, &mut |r| {
+                r.baseline.events = 2;
+                Ok(())
+            })
+            .unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(3);
+        while shared.get().loaded_at == first {
+            assert!(Instant::now() < deadline, "a change was not picked up");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
