@@ -377,6 +377,18 @@ async fn open_loop(
     Ok((total, max_lag))
 }
 
+/// CPU time this process has used (user + system), from `/proc/self/stat`
+/// (Linux reports it in ticks of 1/100 s); `None` where that cannot be read.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces: fields are counted after its ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
 fn percentiles(prefix: &str, h: &Histogram<u64>, out: &mut serde_json::Map<String, serde_json::Value>) {
     for (name, q) in [("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999)] {
         out.insert(format!("{prefix}{name}_us"), json!(h.value_at_quantile(q)));
@@ -413,6 +425,7 @@ async fn run(args: Args) -> Result<()> {
     let warmup = Duration::from_secs_f64(args.warmup.max(0.0));
     let duration = Duration::from_secs_f64(args.duration.max(0.001));
     let start = Instant::now();
+    let cpu_at_start = cpu_time();
     let measure_from = start + warmup;
     let end = measure_from + duration;
 
@@ -435,6 +448,12 @@ async fn run(args: Args) -> Result<()> {
             tally
         }
     };
+    // The client's own CPU use over the whole run (warm-up included), in cores:
+    // on a small machine it competes with the server.
+    if let (Some(a), Some(b)) = (cpu_at_start, cpu_time()) {
+        let cores = b.saturating_sub(a).as_secs_f64() / start.elapsed().as_secs_f64();
+        out.insert("client_cpu_cores".into(), json!((cores * 100.0).round() / 100.0));
+    }
     // Throughput over the measured window, up to the last answer of a request
     // started in it.
     let window = tally
