@@ -435,6 +435,9 @@ impl Ingest {
         let opts = self.opts.tetragon;
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(jobs);
         let rx = std::sync::Mutex::new(rx);
+        // Parsed blocks come back to the reader to be filled again: fresh 4 MiB
+        // buffers would cost a page fault per 4 KiB.
+        let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
         // Each worker keeps one running tally (baselines and counters merge in any
         // order); what has an order — malformed lines, dropped-event reports — is
         // kept per block and put back in block order at the end.
@@ -442,6 +445,7 @@ impl Ingest {
             let workers: Vec<_> = (0..jobs.max(1))
                 .map(|_| {
                     let rx = &rx;
+                    let give_back = give_back.clone();
                     scope.spawn(move || {
                         let mut acc = Tally::default();
                         let mut blocks = Vec::new();
@@ -458,12 +462,18 @@ impl Ingest {
                                 malformed_samples: std::mem::take(&mut acc.report.malformed_samples),
                                 dropped: std::mem::take(&mut acc.report.dropped),
                             });
+                            let _ = give_back.send(bytes);
                         }
                         (acc, blocks)
                     })
                 })
                 .collect();
-            let read = split_blocks(reader, block, |idx, bytes| tx.send((idx, bytes)).is_ok());
+            let read = split_blocks(
+                reader,
+                block,
+                || spare.try_recv().ok(),
+                |idx, bytes| tx.send((idx, bytes)).is_ok(),
+            );
             drop(tx);
             let mut all = Vec::new();
             for w in workers {
@@ -608,12 +618,20 @@ fn for_each_line_in(bytes: &mut [u8], mut f: impl FnMut(u64, Result<&mut [u8], S
 
 /// Cuts `reader` into chunks of about `block` bytes that end at a newline (a line
 /// longer than `block` makes its chunk longer) and hands each to `send` with its
-/// index; stops early when `send` returns false.
-fn split_blocks(reader: &mut dyn Read, block: usize, mut send: impl FnMut(usize, Vec<u8>) -> bool) -> io::Result<()> {
+/// index, filling buffers from `recycled` when it has one; stops early when `send`
+/// returns false.
+fn split_blocks(
+    reader: &mut dyn Read,
+    block: usize,
+    mut recycled: impl FnMut() -> Option<Vec<u8>>,
+    mut send: impl FnMut(usize, Vec<u8>) -> bool,
+) -> io::Result<()> {
     let mut carry: Vec<u8> = Vec::new();
     let mut idx = 0;
     loop {
-        let mut buf = Vec::with_capacity(block + carry.len());
+        let mut buf = recycled().unwrap_or_default();
+        buf.clear();
+        buf.reserve(block + carry.len());
         buf.append(&mut carry);
         let mut eof = false;
         // Fill to `block`, then keep reading `block`-sized pieces until one holds a
