@@ -6,7 +6,7 @@ use crate::decide::{Action, Decision, Exemption, FallbackProfile, decide, valida
 use crate::index::SharedIndex;
 use crate::metrics::{Endpoint, ExemptionLabels, InjectionLabels, Metrics, Outcome, RequestLabels};
 use crate::patch::{describe, mutation_patch};
-use crate::policy::{Mode, Policy};
+use crate::policy::{Mode, NamespaceView, Policy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
@@ -38,7 +38,12 @@ enum Parsed {
 }
 
 enum Step {
-    Act(Box<AdmissionRequest<Pod>>),
+    /// A Pod CREATE, with its namespace and what the policy says of it.
+    Act {
+        req: Box<AdmissionRequest<Pod>>,
+        namespace: String,
+        view: NamespaceView,
+    },
     Done(Box<AdmissionReview<DynamicObject>>),
 }
 
@@ -102,7 +107,14 @@ impl Admission {
     /// Parses `body`: a Pod CREATE to act on, or the answer for anything else.
     fn pod_create(&self, endpoint: Endpoint, body: &[u8]) -> Result<Step, Unreadable> {
         match parse(body) {
-            Ok(Parsed::PodCreate(req)) => Ok(Step::Act(req)),
+            Ok(Parsed::PodCreate(req)) => {
+                if req.object.is_none() {
+                    return Err(Unreadable("the Pod CREATE request has no object".into()));
+                }
+                let namespace = req.namespace.clone().unwrap_or_default();
+                let view = self.policy.namespace(&namespace, None);
+                Ok(Step::Act { req, namespace, view })
+            }
             Ok(Parsed::Other(req)) => {
                 self.count(endpoint, &operation_of(&req), None, Outcome::allowed);
                 Ok(Step::Done(Box::new(AdmissionResponse::from(&*req).into_review())))
@@ -118,12 +130,10 @@ impl Admission {
     pub fn mutate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
         let _timer = self.metrics.timer(Endpoint::mutate);
         let start = Instant::now();
-        let req = match self.pod_create(Endpoint::mutate, body)? {
-            Step::Act(req) => req,
+        let (req, namespace, view) = match self.pod_create(Endpoint::mutate, body)? {
+            Step::Act { req, namespace, view } => (req, namespace, view),
             Step::Done(review) => return Ok(*review),
         };
-        let namespace = req.namespace.clone().unwrap_or_default();
-        let view = self.policy.namespace(&namespace, None);
         let mut res = AdmissionResponse::from(&*req);
         let Some(pod) = req.object.as_ref() else {
             return Err(Unreadable("the Pod CREATE request has no object".into()));
@@ -193,12 +203,10 @@ impl Admission {
     pub fn validate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
         let _timer = self.metrics.timer(Endpoint::validate);
         let start = Instant::now();
-        let req = match self.pod_create(Endpoint::validate, body)? {
-            Step::Act(req) => req,
+        let (req, namespace, view) = match self.pod_create(Endpoint::validate, body)? {
+            Step::Act { req, namespace, view } => (req, namespace, view),
             Step::Done(review) => return Ok(*review),
         };
-        let namespace = req.namespace.clone().unwrap_or_default();
-        let view = self.policy.namespace(&namespace, None);
         let mut res = AdmissionResponse::from(&*req);
         let Some(pod) = req.object.as_ref() else {
             return Err(Unreadable("the Pod CREATE request has no object".into()));
