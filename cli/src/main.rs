@@ -59,6 +59,11 @@ enum Command {
     /// configurations.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Internal to `validate`: install a profile on this process and exec a command,
+    /// so a strace started outside the filter sees what the workload's denied
+    /// syscalls return. Hidden: it is not an operator's tool.
+    #[command(name = "__exec-confined", hide = true)]
+    ExecConfined(validate::ExecConfinedArgs),
 }
 
 /// The store every command works on.
@@ -93,6 +98,12 @@ fn init_logging(level: &str, format: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before logging is set up: every syscall made before the profile is installed
+    // must be in the measured extra set the observed run's container allows
+    // (validator/data/observer), so the wrapper does as little as it can.
+    if let Command::ExecConfined(args) = cli.command {
+        return validate::exec_confined(args);
+    }
     init_logging(&cli.log_level, &cli.log_format);
     let result = match cli.command {
         Command::Build(args) => build::run(args).map(|()| ExitCode::SUCCESS),
@@ -102,6 +113,7 @@ fn main() -> ExitCode {
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
         Command::Validate(args) => validate::run(args),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::ExecConfined(args) => Ok(validate::exec_confined(args)),
     };
     match result {
         Ok(code) => code,

@@ -51,6 +51,36 @@ pub(crate) struct ValidateArgs {
     command: Vec<String>,
 }
 
+/// `tether __exec-confined`. No `env` fallbacks: the workload's environment must
+/// not steer the wrapper.
+#[derive(Debug, Args)]
+pub(crate) struct ExecConfinedArgs {
+    /// The profile to install (OCI seccomp JSON).
+    #[arg(long, value_name = "FILE")]
+    profile: PathBuf,
+    /// Answer ENOSYS for syscalls above the profile's highest, as runc 1.1 does.
+    #[arg(long)]
+    like_runc: bool,
+    /// The command to exec under the profile.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// Installs the profile and execs the command; returns only when that fails: with
+/// runc's exit code 1 under `--like-runc` (so the traced run ends as the plain one
+/// does), else with a shell's codes (127: not found, 126: could not run it).
+pub(crate) fn exec_confined(args: ExecConfinedArgs) -> ExitCode {
+    use validator::process::{Above, exec_confined};
+    let above = if args.like_runc { Above::Enosys } else { Above::Default };
+    let e = exec_confined(&args.profile, above, &args.command);
+    eprintln!("tether {}: {e}", validator::process::EXEC_CONFINED);
+    match e {
+        _ if args.like_runc => ExitCode::from(1),
+        ValidatorError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ExitCode::from(127),
+        _ => ExitCode::from(126),
+    }
+}
+
 const EXIT_BREAKS: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
@@ -88,7 +118,10 @@ pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
         }
     };
     let timeout = Duration::from_secs(args.timeout.max(1));
-    let outcome = validator::validate(&args.command, &profile, runtime, timeout);
+    // This binary is the observer: it has the hidden `__exec-confined` subcommand.
+    // Without a path to it, the report says returns were not observed.
+    let exe = std::env::current_exe().ok();
+    let outcome = validator::validate(&args.command, &profile, runtime, timeout, exe.as_deref());
     let (report, usage) = match outcome {
         Ok(r) => r,
         Err(e) => return Ok(environment_error(e)),
@@ -126,7 +159,13 @@ pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
         "{key}: new draft version {new} (+{}); validating it",
         outcome.added.join(" +")
     );
-    let (second, _) = match validator::validate(&args.command, &outcome.rendered.profile, runtime, timeout) {
+    let (second, _) = match validator::validate(
+        &args.command,
+        &outcome.rendered.profile,
+        runtime,
+        timeout,
+        exe.as_deref(),
+    ) {
         Ok(r) => r,
         Err(e) => return Ok(environment_error(e)),
     };

@@ -13,4 +13,5 @@ mod strace_to_runc;
 mod tetragon_build;
 mod tls;
 mod validate_corpus;
+mod validate_under_filter;
 mod webhook_tls;

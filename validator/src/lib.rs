@@ -10,6 +10,7 @@
 //! loopback works), and no `/sys/fs/cgroup` mount (it fails on hybrid cgroup hosts).
 
 pub mod job;
+pub mod observe;
 pub mod process;
 pub mod runc;
 pub mod trace;

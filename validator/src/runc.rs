@@ -32,6 +32,9 @@ pub struct RunSpec {
     /// Host directories bind-mounted read-write into the container, as (host
     /// path, container path): how a probe's trace gets out.
     pub mounts: Vec<(PathBuf, String)>,
+    /// Host files or directories bind-mounted read-only, as (host path, container
+    /// path): how the observed enforce run gets the `tether` binary in.
+    pub read_only_mounts: Vec<(PathBuf, String)>,
 }
 
 impl RunSpec {
@@ -44,6 +47,7 @@ impl RunSpec {
             extra_capabilities: Vec::new(),
             timeout: Duration::from_secs(60),
             mounts: Vec::new(),
+            read_only_mounts: Vec::new(),
         }
     }
 }
@@ -119,6 +123,11 @@ pub fn oci_config(spec: &RunSpec, rootfs: &Path) -> Value {
     for (host, dest) in &spec.mounts {
         mounts.push(
             json!({"destination": dest, "type": "bind", "source": host, "options": ["rbind", "rw", "nosuid", "nodev"]}),
+        );
+    }
+    for (host, dest) in &spec.read_only_mounts {
+        mounts.push(
+            json!({"destination": dest, "type": "bind", "source": host, "options": ["rbind", "ro", "nosuid", "nodev"]}),
         );
     }
     json!({

@@ -100,6 +100,100 @@ impl Usage {
     }
 }
 
+/// What a workload's denied syscalls returned in an observed enforce run: the
+/// `strace -ff` files of `strace ... -- tether __exec-confined ... -- CMD`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Returns {
+    /// (syscall, errno name) -> how often and where first.
+    pub errors: BTreeMap<(String, String), Use>,
+    /// Denied syscalls that returned without an error: the filter was not in force.
+    pub succeeded: BTreeMap<String, u64>,
+    /// Processes killed by SIGSYS.
+    pub sigsys_kills: u64,
+    /// Whether the wrapper's exec into the workload was found: without it, nothing
+    /// in the trace is known to have run under the profile.
+    pub workload_seen: bool,
+}
+
+impl Returns {
+    /// Reads the `-ff` files (`PREFIX.<pid>`), keeping the calls of syscalls for
+    /// which `denied` holds.
+    ///
+    /// The wrapper's own calls, up to its exec into the workload, ran before the
+    /// profile was installed and are skipped: the wrapper's file starts with the
+    /// exec of `tether __exec-confined`, and its workload part with the first
+    /// `execve` after its `seccomp` calls. Every other file is a process the
+    /// workload started, under the profile from its first line.
+    pub fn from_files(files: &[impl AsRef<Path>], abi: Abi, denied: impl Fn(&str) -> bool) -> std::io::Result<Returns> {
+        let mut r = Returns::default();
+        // By pid, so the first call site is the earliest process's.
+        let mut files: Vec<(Option<u32>, &Path)> = files
+            .iter()
+            .map(|f| {
+                let f = f.as_ref();
+                (f.extension().and_then(|e| e.to_str()).and_then(|e| e.parse().ok()), f)
+            })
+            .collect();
+        files.sort();
+        for (pid, f) in files {
+            let text = std::fs::read(f)?;
+            r.add(&String::from_utf8_lossy(&text), abi, pid, &denied);
+        }
+        Ok(r)
+    }
+
+    /// Adds one `-ff` file of process `pid`.
+    pub fn add(&mut self, text: &str, abi: Abi, pid: Option<u32>, denied: &impl Fn(&str) -> bool) {
+        let mut lines = text.lines().peekable();
+        let wrapper = lines
+            .peek()
+            .is_some_and(|l| l.starts_with("execve(") && l.contains(crate::process::EXEC_CONFINED));
+        if wrapper {
+            let mut installed = false;
+            while let Some(line) = lines.peek() {
+                installed |= line.starts_with("seccomp(");
+                if installed && line.starts_with("execve(") {
+                    break;
+                }
+                lines.next();
+            }
+            if lines.peek().is_none() {
+                return;
+            }
+        }
+        let rest: Vec<&str> = lines.collect();
+        // When no exec succeeded, the wrapper's own exit path (Rust's std, under the
+        // profile) follows the failed attempts; only the attempts are the workload's.
+        let exec_failed = wrapper
+            && !rest
+                .iter()
+                .any(|l| l.starts_with("execve(") && l.trim_end().ends_with("= 0"));
+        self.workload_seen |= wrapper;
+        let mut parser = StraceParser::new(abi, pid);
+        for line in rest {
+            if exec_failed && !line.starts_with("execve(") {
+                continue;
+            }
+            match parser.parse_line(line) {
+                Ok(StraceEvent::Syscall { pid, name, error, .. }) if denied(name) => match error {
+                    Some(errno) => {
+                        self.errors
+                            .entry((name.to_string(), errno))
+                            .or_insert_with(|| Use {
+                                count: 0,
+                                first: CallSite { pid, call: cut(line) },
+                            })
+                            .count += 1;
+                    }
+                    None => *self.succeeded.entry(name.to_string()).or_default() += 1,
+                },
+                Ok(StraceEvent::Killed { signal, .. }) if signal == "SIGSYS" => self.sigsys_kills += 1,
+                _ => {}
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +215,63 @@ mod tests {
             o.first.call
         );
         assert_eq!(u.sigsys_kills, vec![Some(13)]);
+    }
+
+    #[test]
+    fn returns_skip_the_wrapper_until_its_exec_and_keep_denied_errors() {
+        let wrapper = "execve(\"/.tether/tether\", [\"/.tether/tether\", \"__exec-confined\", \"--profile\"], 0x7ff /* 2 vars */) = 0\n\
+uname({sysname=\"Linux\", ...}) = 0\n\
+prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  = 0\n\
+seccomp(SECCOMP_SET_MODE_FILTER, 0, {len=238, filter=0x5649}) = 0\n\
+execve(\"/bin/uname\", [\"/bin/uname\"], 0x7ffd /* 2 vars */) = 0\n\
+uname(0x7ffc) = -1 EPERM (Operation not permitted)\n\
+uname(0x7ffc) = -1 EPERM (Operation not permitted)\n\
+clone3({flags=CLONE_VM, ...}, 88) = -1 ENOSYS (Function not implemented)\n\
+exit_group(1) = ?\n\
++++ exited with 1 +++\n";
+        let child = "statx(AT_FDCWD, \"/usr\", AT_STATX_SYNC_AS_STAT, STATX_MODE, 0x7ff) = 0\n+++ killed by SIGSYS (core dumped) +++\n";
+        let denied = |n: &str| ["uname", "clone3", "statx"].contains(&n);
+        let mut r = Returns::default();
+        r.add(wrapper, Abi::X86_64, Some(2), &denied);
+        r.add(child, Abi::X86_64, Some(3), &denied);
+        assert!(r.workload_seen);
+        let uname = &r.errors[&("uname".to_string(), "EPERM".to_string())];
+        assert_eq!(uname.count, 2, "the wrapper's own uname ran before the filter");
+        assert_eq!(uname.first.pid, Some(2));
+        assert!(
+            uname.first.call.starts_with("uname(0x7ffc) = -1 EPERM"),
+            "{}",
+            uname.first.call
+        );
+        assert_eq!(r.errors[&("clone3".to_string(), "ENOSYS".to_string())].count, 1);
+        assert_eq!(r.succeeded["statx"], 1);
+        assert_eq!(r.sigsys_kills, 1);
+
+        let mut denied_exec = Returns::default();
+        denied_exec.add(
+            "execve(\"/.tether/tether\", [\"/.tether/tether\", \"__exec-confined\"], 0x7ff) = 0\n\
+seccomp(SECCOMP_SET_MODE_FILTER, 0, {len=238, filter=0x5649}) = 0\n\
+execve(\"/bin/ls\", [\"/bin/ls\"], 0x7ffd /* 2 vars */) = -1 EPERM (Operation not permitted)\n\
+sigaltstack({ss_sp=NULL, ss_flags=SS_DISABLE, ss_size=8192}, NULL) = -1 EPERM (Operation not permitted)\n\
+exit_group(1) = ?\n",
+            Abi::X86_64,
+            Some(2),
+            &|n: &str| n == "execve" || n == "sigaltstack",
+        );
+        assert!(denied_exec.workload_seen);
+        assert_eq!(
+            denied_exec.errors.keys().collect::<Vec<_>>(),
+            [&("execve".to_string(), "EPERM".to_string())],
+            "after a failed exec, the calls are the wrapper's"
+        );
+
+        let mut never = Returns::default();
+        never.add(
+            "execve(\"/.tether/tether\", [\"/.tether/tether\", \"__exec-confined\"], 0x7ff) = 0\nuname({}) = 0\nexit_group(126) = ?\n",
+            Abi::X86_64,
+            Some(2),
+            &denied,
+        );
+        assert!(!never.workload_seen && never.errors.is_empty() && never.succeeded.is_empty());
     }
 }
