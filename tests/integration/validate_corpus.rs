@@ -152,6 +152,7 @@ fn corpus_of_real_programs_passes_under_its_profile_and_fails_naming_a_removed_s
         let (code, report) = validate_json(&args);
         assert_eq!(code, 0, "{}: {report:#}", p.name);
         assert_eq!(report["same_output"], true, "{}", p.name);
+        assert_eq!(report["under_filter"]["observed"], true, "{}: {report:#}", p.name);
         let list = tether(&["profiles", "list", "--store", &store]).expect_code(0);
         assert!(list.stdout.contains("validated"), "{}: {}", p.name, list.stdout);
 
@@ -183,6 +184,17 @@ fn corpus_of_real_programs_passes_under_its_profile_and_fails_naming_a_removed_s
             report["add"].as_array().unwrap().iter().any(|a| a == *removed),
             "{} without {removed}: {report:#}",
             p.name
+        );
+        // The removed syscall's EPERM returns are seen under the filter.
+        assert!(
+            report["under_filter"]["returns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == *removed && r["errno"] == "EPERM"),
+            "{} without {removed}: {:#}",
+            p.name,
+            report["under_filter"]
         );
         summary.push(format!(
             "{}: pass with {} syscalls; without {removed}: exit 1, enforce exit {}",
