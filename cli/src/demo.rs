@@ -78,12 +78,10 @@ fn in_namespace(review: &str, namespace: &str, uid: &str) -> Result<Value> {
 }
 
 fn decode_patch(res: &Value) -> Option<Value> {
-    let bytes: Vec<u8> = res["patch"]
-        .as_array()?
-        .iter()
-        .filter_map(|b| b.as_u64())
-        .map(|b| b as u8)
-        .collect();
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(res["patch"].as_str()?)
+        .ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 

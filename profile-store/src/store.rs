@@ -178,6 +178,14 @@ pub trait ProfileStore {
     fn keys(&self) -> Result<Vec<WorkloadKey>, StoreError>;
     /// The record of `key`, if any.
     fn record(&self, key: &WorkloadKey) -> Result<Option<WorkloadRecord>, StoreError>;
+    /// A cheap token that changes whenever the record of `key` changes (`None`:
+    /// no record, or the store cannot tell). Readers that keep a copy of a record
+    /// re-read it only when its stamp differs, so an unchanged store costs a
+    /// `stat` per workload rather than a read and a parse.
+    fn record_stamp(&self, key: &WorkloadKey) -> Result<Option<String>, StoreError> {
+        let _ = key;
+        Ok(None)
+    }
     /// The profile of `version`, verified against its hash.
     fn profile(&self, key: &WorkloadKey, version: &Version) -> Result<SeccompProfile, StoreError>;
     /// Stores a rendered version's profile; a no-op when it is already there.
@@ -374,6 +382,24 @@ impl ProfileStore for FsStore {
 
     fn record(&self, key: &WorkloadKey) -> Result<Option<WorkloadRecord>, StoreError> {
         read_json(&self.record_path(key))
+    }
+
+    /// Inode, size and modification time of `record.json`: every update renames a
+    /// new file over it, so the inode changes even when size and time do not.
+    fn record_stamp(&self, key: &WorkloadKey) -> Result<Option<String>, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.record_path(key);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(format!(
+                "{}:{}:{}.{}",
+                m.ino(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec()
+            ))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
     }
 
     fn profile(&self, key: &WorkloadKey, version: &Version) -> Result<SeccompProfile, StoreError> {

@@ -3,6 +3,7 @@
 
 use crate::common::{data, store_in, tether};
 use crate::tls::{client, client_config};
+use base64::Engine;
 use serde_json::{Value, json};
 use std::time::Duration;
 use webhook::policy::Policy;
@@ -69,9 +70,10 @@ impl Setup {
 }
 
 fn patch_of(res: &Value) -> Value {
+    // Go's encoding of []byte, which the API server reads.
     let bytes: Vec<u8> = res["patch"]
-        .as_array()
-        .map(|a| a.iter().map(|b| b.as_u64().unwrap() as u8).collect())
+        .as_str()
+        .map(|b64| base64::engine::general_purpose::STANDARD.decode(b64).unwrap())
         .unwrap_or_default();
     if bytes.is_empty() {
         Value::Null

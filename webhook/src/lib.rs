@@ -13,6 +13,8 @@ pub mod policy;
 pub mod review;
 pub mod run;
 pub mod server;
+mod slim;
+pub mod wire;
 
 pub use index::{Index, Lookup, SharedIndex};
 pub use policy::{Mode, OnMissing, Policy};

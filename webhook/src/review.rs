@@ -7,10 +7,11 @@ use crate::index::SharedIndex;
 use crate::metrics::{Endpoint, ExemptionLabels, InjectionLabels, Metrics, Outcome, RequestLabels};
 use crate::patch::{describe, mutation_patch};
 use crate::policy::{Mode, NamespaceView, Policy};
+use crate::slim;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
-use serde_json::Value;
+use serde::de::IgnoredAny;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,8 +49,25 @@ enum Step {
 }
 
 fn parse(body: &[u8]) -> Result<Parsed, Unreadable> {
-    let mut v: Value = serde_json::from_slice(body).map_err(|e| Unreadable(format!("the body is not JSON: {e}")))?;
-    let (api, kind) = (v["apiVersion"].as_str(), v["kind"].as_str());
+    // One pass reads the object as a Pod. When that fails, a second pass that
+    // ignores the object tells a Pod CREATE whose Pod is wrong (an error) from a
+    // request for another kind (allowed untouched) and from a body that is not an
+    // AdmissionReview at all.
+    let (envelope, pod_error) = match serde_json::from_slice::<slim::Envelope<slim::SlimPod>>(body) {
+        Ok(e) => ((e.api_version, e.kind, e.request.map(Ok)), None),
+        Err(first) => match serde_json::from_slice::<slim::Envelope<IgnoredAny>>(body) {
+            Ok(e) => ((e.api_version, e.kind, e.request.map(Err)), Some(first)),
+            Err(e) => {
+                return Err(Unreadable(if e.is_data() {
+                    format!("the AdmissionReview does not parse: {e}")
+                } else {
+                    format!("the body is not JSON: {e}")
+                }));
+            }
+        },
+    };
+    let (api, kind, request) = envelope;
+    let (api, kind) = (api.as_deref(), kind.as_deref());
     if api != Some("admission.k8s.io/v1") || kind != Some("AdmissionReview") {
         return Err(Unreadable(format!(
             "expected kind AdmissionReview, apiVersion admission.k8s.io/v1 (set admissionReviewVersions: [v1]); got kind {}, apiVersion {}",
@@ -57,34 +75,22 @@ fn parse(body: &[u8]) -> Result<Parsed, Unreadable> {
             api.unwrap_or("(none)")
         )));
     }
-    let request = &v["request"];
-    if !request.is_object() {
-        return Err(Unreadable("the AdmissionReview has no request".into()));
+    let request = request.ok_or_else(|| Unreadable("the AdmissionReview has no request".into()))?;
+    match request {
+        Ok(r) if r.is_pod_create() => {
+            let (mut req, object) = r.into_request::<Pod>(None);
+            req.object = object.map(Pod::from);
+            Ok(Parsed::PodCreate(Box::new(req)))
+        }
+        Err(r) if r.is_pod_create() => Err(Unreadable(format!(
+            "the Pod in the request does not parse: {}",
+            pod_error.map(|e| e.to_string()).unwrap_or_default()
+        ))),
+        // The objects of requests tether does not act on are not needed (and may
+        // be any kind).
+        Ok(r) => Ok(Parsed::Other(Box::new(r.into_request::<DynamicObject>(None).0))),
+        Err(r) => Ok(Parsed::Other(Box::new(r.into_request::<DynamicObject>(None).0))),
     }
-    let is_pod_create = request["kind"]["group"].as_str().unwrap_or_default().is_empty()
-        && request["kind"]["kind"] == "Pod"
-        && request["operation"] == "CREATE"
-        && request["subResource"].as_str().unwrap_or_default().is_empty();
-    if is_pod_create {
-        let review: AdmissionReview<Pod> =
-            serde_json::from_value(v).map_err(|e| Unreadable(format!("the Pod in the request does not parse: {e}")))?;
-        let req: AdmissionRequest<Pod> = review
-            .try_into()
-            .map_err(|_| Unreadable("the AdmissionReview has no request".into()))?;
-        return Ok(Parsed::PodCreate(Box::new(req)));
-    }
-    // The objects of requests tether does not act on are not needed (and may be
-    // any kind): only the envelope is read.
-    if let Some(r) = v["request"].as_object_mut() {
-        r.remove("object");
-        r.remove("oldObject");
-    }
-    let review: AdmissionReview<DynamicObject> =
-        serde_json::from_value(v).map_err(|e| Unreadable(format!("the AdmissionReview does not parse: {e}")))?;
-    let req: AdmissionRequest<DynamicObject> = review
-        .try_into()
-        .map_err(|_| Unreadable("the AdmissionReview has no request".into()))?;
-    Ok(Parsed::Other(Box::new(req)))
 }
 
 fn operation_of<T: kube::Resource>(req: &AdmissionRequest<T>) -> String {

@@ -25,20 +25,16 @@ const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn json_response<T: serde::Serialize>(value: &T) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot serialize the response: {e}"),
-        )
-            .into_response(),
-    }
-}
-
 fn answer(result: Result<kube::core::admission::AdmissionReview<kube::core::DynamicObject>, Unreadable>) -> Response {
     match result {
-        Ok(review) => json_response(&review),
+        Ok(review) => match crate::wire::to_vec(&review) {
+            Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot serialize the response: {e}"),
+            )
+                .into_response(),
+        },
         Err(Unreadable(reason)) => (StatusCode::BAD_REQUEST, reason).into_response(),
     }
 }
