@@ -32,7 +32,9 @@ pub trait Lookup: Send + Sync {
 /// An immutable snapshot of the store.
 #[derive(Debug, Default)]
 pub struct Index {
-    entries: HashMap<WorkloadKey, Entry>,
+    // Shared with the next snapshot when the record is unchanged: a refresh of an
+    // idle store copies pointers, not 10,000 version sets.
+    entries: HashMap<WorkloadKey, Arc<Entry>>,
     /// The store's stamp of each record the entries were built from.
     stamps: HashMap<WorkloadKey, String>,
     /// When the snapshot was taken.
@@ -43,14 +45,17 @@ pub struct Index {
 
 impl Lookup for Index {
     fn entry(&self, key: &WorkloadKey) -> Option<&Entry> {
-        self.entries.get(key)
+        self.entries.get(key).map(|e| &**e)
     }
 }
 
 impl Index {
     /// An index over `entries` (for tests and embedding).
     pub fn from_entries(entries: impl IntoIterator<Item = (WorkloadKey, Entry)>) -> Index {
-        let entries: HashMap<_, _> = entries.into_iter().collect();
+        Self::from_shared(entries.into_iter().map(|(k, e)| (k, Arc::new(e))).collect())
+    }
+
+    fn from_shared(entries: HashMap<WorkloadKey, Arc<Entry>>) -> Index {
         Index {
             versions: entries.values().map(|e| e.known.len()).sum(),
             entries,
@@ -80,7 +85,7 @@ impl Index {
                 Some(entry) if unchanged => entry.clone(),
                 _ => {
                     let Some(record) = store.record(&key)? else { continue };
-                    Self::entry_of(store, &key, &record, before)?
+                    Arc::new(Self::entry_of(store, &key, &record, before.map(|e| &**e))?)
                 }
             };
             if let Some(stamp) = stamp {
@@ -88,7 +93,7 @@ impl Index {
             }
             entries.insert(key, entry);
         }
-        let mut index = Index::from_entries(entries);
+        let mut index = Index::from_shared(entries);
         index.stamps = stamps;
         Ok(index)
     }

@@ -41,9 +41,9 @@ pub struct RequestLabels {
     /// The endpoint.
     pub endpoint: Endpoint,
     /// The admission operation (`CREATE`, `UPDATE`, ... or `unknown`).
-    pub operation: String,
+    pub operation: &'static str,
     /// The namespace mode (`enforce`, `dry-run`, `off`, or `none` when not applicable).
-    pub mode: String,
+    pub mode: &'static str,
     /// The outcome.
     pub decision: Outcome,
 }
@@ -51,15 +51,15 @@ pub struct RequestLabels {
 /// Labels of injections.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InjectionLabels {
-    /// `Localhost`, `RuntimeDefault`, `Unconfined`, or `Log` (fallback variant).
-    pub profile: String,
+    /// `Localhost`, `RuntimeDefault` or `Unconfined` (the profile type set).
+    pub profile: &'static str,
 }
 
 /// Labels of exemptions.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExemptionLabels {
     /// `honored` or `refused`.
-    pub result: String,
+    pub result: &'static str,
 }
 
 /// The webhook's metrics; cloning shares them.

@@ -10,7 +10,7 @@ use crate::policy::{Mode, NamespaceView, Policy};
 use crate::slim;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde::de::IgnoredAny;
 use std::sync::Arc;
 use std::time::Instant;
@@ -93,18 +93,23 @@ fn parse(body: &[u8]) -> Result<Parsed, Unreadable> {
     }
 }
 
-fn operation_of<T: kube::Resource>(req: &AdmissionRequest<T>) -> String {
-    format!("{:?}", req.operation).to_uppercase()
+fn operation_of<T: kube::Resource>(req: &AdmissionRequest<T>) -> &'static str {
+    match req.operation {
+        Operation::Create => "CREATE",
+        Operation::Update => "UPDATE",
+        Operation::Delete => "DELETE",
+        Operation::Connect => "CONNECT",
+    }
 }
 
 impl Admission {
-    fn count(&self, endpoint: Endpoint, operation: &str, mode: Option<Mode>, decision: Outcome) {
+    fn count(&self, endpoint: Endpoint, operation: &'static str, mode: Option<Mode>, decision: Outcome) {
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
                 endpoint,
-                operation: operation.to_string(),
-                mode: mode.map_or("none", Mode::as_str).to_string(),
+                operation,
+                mode: mode.map_or("none", Mode::as_str),
                 decision,
             })
             .inc();
@@ -122,7 +127,7 @@ impl Admission {
                 Ok(Step::Act { req, namespace, view })
             }
             Ok(Parsed::Other(req)) => {
-                self.count(endpoint, &operation_of(&req), None, Outcome::allowed);
+                self.count(endpoint, operation_of(&req), None, Outcome::allowed);
                 Ok(Step::Done(Box::new(AdmissionResponse::from(&*req).into_review())))
             }
             Err(e) => {
@@ -266,17 +271,19 @@ impl Admission {
             }
             Exemption::None => return,
         };
-        self.metrics
-            .exemptions
-            .get_or_create(&ExemptionLabels { result: result.into() })
-            .inc();
+        self.metrics.exemptions.get_or_create(&ExemptionLabels { result }).inc();
     }
 
     fn count_injection(&self, profile: &k8s_openapi::api::core::v1::SeccompProfile) {
         self.metrics
             .injections
             .get_or_create(&InjectionLabels {
-                profile: profile.type_.clone(),
+                profile: match profile.type_.as_str() {
+                    "Localhost" => "Localhost",
+                    "RuntimeDefault" => "RuntimeDefault",
+                    "Unconfined" => "Unconfined",
+                    _ => "other",
+                },
             })
             .inc();
     }
