@@ -186,6 +186,12 @@ pub trait ProfileStore {
         let _ = key;
         Ok(None)
     }
+    /// A token that changes after every write through this trait (`None`: the
+    /// store cannot tell, so readers must look at everything). Read it before
+    /// reading the store: a write that lands after it changes it again.
+    fn generation(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
     /// The profile of `version`, verified against its hash.
     fn profile(&self, key: &WorkloadKey, version: &Version) -> Result<SeccompProfile, StoreError>;
     /// Stores a rendered version's profile; a no-op when it is already there.
@@ -217,6 +223,10 @@ pub struct FsStore {
 }
 
 const MARKER: &str = "tether-store.json";
+
+/// Rewritten after every write (see [`ProfileStore::generation`]): readers that
+/// poll compare one small file instead of walking 10,000 workload directories.
+const GENERATION: &str = "generation";
 
 #[derive(Serialize, Deserialize)]
 struct Marker {
@@ -308,6 +318,31 @@ impl FsStore {
             .map_err(io_err(&path))?;
         f.lock().map_err(io_err(&path))?;
         Ok(f)
+    }
+
+    /// Replaces the generation token with a new one. Not fsynced: it is a hint
+    /// for pollers, and after a crash they start with a full load anyway.
+    fn bump_generation(&self) -> Result<(), StoreError> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let token = format!(
+            "{}.{:09}-{}-{}",
+            now.as_secs(),
+            now.subsec_nanos(),
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-generation-")
+            .tempfile_in(&self.root)
+            .map_err(io_err(&self.root))?;
+        tmp.write_all(token.as_bytes()).map_err(io_err(tmp.path()))?;
+        let path = self.root.join(GENERATION);
+        tmp.persist(&path)
+            .map_err(|e| StoreError::Io { path, source: e.error })?;
+        Ok(())
     }
 }
 
@@ -426,7 +461,8 @@ impl ProfileStore for FsStore {
             // Content-addressed: an intact file already holds these bytes.
             return self.profile(key, &rendered.version).map(|_| ());
         }
-        write_atomic(&path, &rendered.profile.canonical_json())
+        write_atomic(&path, &rendered.profile.canonical_json())?;
+        self.bump_generation()
     }
 
     fn update(
@@ -445,8 +481,19 @@ impl ProfileStore for FsStore {
                 source,
             })?;
             write_atomic(&path, &bytes)?;
+            self.bump_generation()?;
         }
         Ok(record)
+    }
+
+    fn generation(&self) -> Result<Option<String>, StoreError> {
+        let path = self.root.join(GENERATION);
+        match fs::read_to_string(&path) {
+            Ok(token) => Ok(Some(token)),
+            // A store no writer has touched since this was added.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
     }
 }
 
@@ -628,6 +675,39 @@ mod tests {
                 .to_string()
                 .contains("tether build --store")
         );
+    }
+
+    /// Pollers skip walking the store when this is unchanged: every write must
+    /// move it, and a write that changes nothing must not.
+    #[test]
+    fn every_write_moves_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open_or_create(dir.path()).unwrap();
+        assert_eq!(store.generation().unwrap(), None);
+        store
+            .update(&key(), &mut |r| {
+                r.baseline.events = 1;
+                Ok(())
+            })
+            .unwrap();
+        let first = store.generation().unwrap();
+        assert!(first.is_some());
+        store.update(&key(), &mut |_| Ok(())).unwrap();
+        assert_eq!(
+            store.generation().unwrap(),
+            first,
+            "a write that changed nothing moved it"
+        );
+        store.put_version(&key(), &rendered(&["read"])).unwrap();
+        let second = store.generation().unwrap();
+        assert_ne!(second, first);
+        store
+            .update(&key(), &mut |r| {
+                r.baseline.events = 2;
+                Ok(())
+            })
+            .unwrap();
+        assert_ne!(store.generation().unwrap(), second);
     }
 
     #[test]

@@ -148,7 +148,7 @@ impl Metrics {
         );
         r.register(
             "index_age_seconds",
-            "Seconds since the admission index was loaded",
+            "Seconds since the admission index was last known to match the store",
             self.index_age_seconds.clone(),
         );
         r.register(

@@ -102,8 +102,7 @@ async fn readyz(State(a): State<Arc<Admission>>) -> Response {
 }
 
 async fn metrics(State(a): State<Arc<Admission>>) -> Response {
-    let index = a.index.get();
-    if let Some(at) = index.loaded_at {
+    if let Some(at) = a.index.checked_at() {
         let age = SystemTime::now().duration_since(at).unwrap_or_default();
         a.metrics.index_age_seconds.set(age.as_secs_f64());
     }
