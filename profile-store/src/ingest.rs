@@ -438,7 +438,7 @@ impl Ingest {
         block: usize,
     ) -> io::Result<()> {
         let opts = self.opts.tetragon;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(jobs);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>, usize)>(jobs);
         let rx = std::sync::Mutex::new(rx);
         // Parsed blocks come back to the reader to be filled again: fresh 4 MiB
         // buffers would cost a page fault per 4 KiB.
@@ -456,9 +456,10 @@ impl Ingest {
                         let mut blocks = Vec::new();
                         loop {
                             let next = rx.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ()));
-                            let Ok((idx, mut bytes)) = next else { break };
-                            let lines =
-                                for_each_line_in(&mut bytes, |n, line| acc.tetragon_line(&opts, source, n, line));
+                            let Ok((idx, mut bytes, len)) = next else { break };
+                            let lines = for_each_line_in(&mut bytes[..len], |n, line| {
+                                acc.tetragon_line(&opts, source, n, line)
+                            });
                             blocks.push(BlockOrdered {
                                 idx,
                                 lines,
@@ -475,7 +476,7 @@ impl Ingest {
                 reader,
                 block,
                 || spare.try_recv().ok(),
-                |idx, bytes| tx.send((idx, bytes)).is_ok(),
+                |idx, bytes, len| tx.send((idx, bytes, len)).is_ok(),
             );
             drop(tx);
             let mut all = Vec::new();
@@ -618,44 +619,60 @@ fn for_each_line_in(bytes: &mut [u8], mut f: impl FnMut(u64, &mut [u8])) -> u64 
 
 /// Cuts `reader` into chunks of about `block` bytes that end at a newline (a line
 /// longer than `block` makes its chunk longer) and hands each to `send` with its
-/// index, filling buffers from `recycled` when it has one; stops early when `send`
-/// returns false.
+/// index and its length (the buffer may be longer), filling buffers from
+/// `recycled` when it has one; stops early when `send` returns false.
+///
+/// Reads go straight into memory the buffer has already initialized: reading
+/// through `read_to_end` zeroed each 4 MiB block before the kernel overwrote it.
 fn split_blocks(
     reader: &mut dyn Read,
     block: usize,
     mut recycled: impl FnMut() -> Option<Vec<u8>>,
-    mut send: impl FnMut(usize, Vec<u8>) -> bool,
+    mut send: impl FnMut(usize, Vec<u8>, usize) -> bool,
 ) -> io::Result<()> {
     let mut carry: Vec<u8> = Vec::new();
     let mut idx = 0;
     loop {
         let mut buf = recycled().unwrap_or_default();
-        buf.clear();
-        buf.reserve(block + carry.len());
-        buf.append(&mut carry);
+        if buf.len() < carry.len() {
+            buf.resize(carry.len(), 0);
+        }
+        buf[..carry.len()].copy_from_slice(&carry);
+        let mut filled = carry.len();
+        carry.clear();
         let mut eof = false;
         // Fill to `block`, then keep reading `block`-sized pieces until one holds a
         // newline; only the new piece is searched.
         let mut searched = 0;
         loop {
-            let want = if buf.len() < block { block - buf.len() } else { block };
-            let n = reader.take(want as u64).read_to_end(&mut buf)?;
+            let want = if filled < block { block - filled } else { block };
+            if buf.len() < filled + want {
+                buf.resize(filled + want, 0);
+            }
+            let n = read_full(reader, &mut buf[filled..filled + want])?;
+            filled += n;
             if n == 0 {
                 eof = true;
                 break;
             }
-            if buf.len() >= block {
-                if let Some(pos) = memchr_last(&buf[searched..]) {
-                    carry = buf.split_off(searched + pos + 1);
+            if filled >= block {
+                if let Some(pos) = memchr_last(&buf[searched..filled]) {
+                    let end = searched + pos + 1;
+                    carry.extend_from_slice(&buf[end..filled]);
+                    filled = end;
                     break;
                 }
-                searched = buf.len();
+                searched = filled;
+            }
+            if n < want {
+                eof = true;
+                break;
             }
         }
-        if buf.is_empty() {
+        if filled == 0 {
             return Ok(());
         }
-        if !send(idx, buf) {
+        if !send(idx, buf, filled) {
             return Ok(());
         }
         idx += 1;
@@ -663,6 +680,20 @@ fn split_blocks(
             return Ok(());
         }
     }
+}
+
+/// Reads until `buf` is full or the input ends; returns how much was read.
+fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 fn memchr_last(buf: &[u8]) -> Option<usize> {
