@@ -75,3 +75,15 @@ fn run_tether(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Run 
 pub fn store_in(dir: &Path) -> String {
     dir.join("store").display().to_string()
 }
+
+/// Runs `args` in runc under `strace -f -o /probe/trace`, with `probe` (created
+/// if absent) mounted at `/probe`: the probe run of `tether validate`, by hand.
+pub fn run_probed(probe: &Path, args: &[&str]) -> validator::RunOutcome {
+    std::fs::create_dir_all(probe).unwrap();
+    let mut cmd = vec!["/usr/bin/strace", "-f", "-o", "/probe/trace"];
+    cmd.extend_from_slice(args);
+    let mut spec = validator::RunSpec::new(cmd);
+    spec.extra_capabilities.push("CAP_SYS_PTRACE".into());
+    spec.mounts.push((probe.to_path_buf(), "/probe".into()));
+    validator::run_in_runc(&spec).unwrap()
+}

@@ -2,9 +2,8 @@
 //! profile from the probe, validate it (passes with the same output), then remove
 //! one syscall the program needs and watch `tether validate` fail naming it.
 
-use crate::common::{store_in, tether};
+use crate::common::{run_probed, store_in, tether};
 use std::path::Path;
-use validator::{RunSpec, run_in_runc};
 
 struct Program {
     name: &'static str,
@@ -96,13 +95,7 @@ const PROGRAMS: &[Program] = &[
 
 fn traced(dir: &Path, args: &[&str]) -> (String, std::path::PathBuf) {
     let probe = dir.join("probe");
-    std::fs::create_dir_all(&probe).unwrap();
-    let mut cmd = vec!["/usr/bin/strace", "-f", "-o", "/probe/trace"];
-    cmd.extend_from_slice(args);
-    let mut spec = RunSpec::new(cmd);
-    spec.extra_capabilities.push("CAP_SYS_PTRACE".into());
-    spec.mounts.push((probe.clone(), "/probe".into()));
-    let out = run_in_runc(&spec).unwrap();
+    let out = run_probed(&probe, args);
     assert!(out.success(), "{args:?} failed when probed: {}", out.stderr);
     (out.stdout, probe.join("trace"))
 }

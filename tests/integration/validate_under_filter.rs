@@ -3,10 +3,9 @@
 //! the hidden `tether __exec-confined`), and that watching does not change what the
 //! program does.
 
-use crate::common::{store_in, tether};
+use crate::common::{run_probed, store_in, tether};
 use serde_json::Value;
 use std::path::Path;
-use validator::{RunSpec, run_in_runc};
 
 /// Probes `args` in runc `rounds` times, builds a profile from the traces, and
 /// returns it.
@@ -14,13 +13,7 @@ fn profile_from_probes(dir: &Path, key: &str, args: &[&str], rounds: usize) -> V
     let store = store_in(dir);
     for round in 0..rounds {
         let probe = dir.join(format!("probe{round}"));
-        std::fs::create_dir_all(&probe).unwrap();
-        let mut cmd = vec!["/usr/bin/strace", "-f", "-o", "/probe/trace"];
-        cmd.extend_from_slice(args);
-        let mut spec = RunSpec::new(cmd);
-        spec.extra_capabilities.push("CAP_SYS_PTRACE".into());
-        spec.mounts.push((probe.clone(), "/probe".into()));
-        let out = run_in_runc(&spec).unwrap();
+        let out = run_probed(&probe, args);
         assert!(out.stderr.is_empty() || out.success(), "{args:?} probe: {}", out.stderr);
         let trace = probe.join("trace");
         tether(&[
