@@ -9,6 +9,7 @@ mod serve;
 mod table;
 mod validate;
 
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,11 +60,40 @@ enum Command {
     /// configurations.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Print the CustomResourceDefinitions of the Kubernetes store (generated from
+    /// the Rust types), or write them into `--out DIR` (deploy/base/crds).
+    Crds(CrdsArgs),
     /// Internal to `validate`: install a profile on this process and exec a command,
     /// so a strace started outside the filter sees what the workload's denied
     /// syscalls return. Hidden: it is not an operator's tool.
     #[command(name = "__exec-confined", hide = true)]
     ExecConfined(validate::ExecConfinedArgs),
+}
+
+/// `tether crds`.
+#[derive(Debug, Args, Clone)]
+struct CrdsArgs {
+    /// Write one file per CRD into this directory instead of printing them.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+fn crds(args: CrdsArgs) -> Result<()> {
+    let files = profile_store::crd::crd_files().context("serializing the CRDs")?;
+    match args.out {
+        Some(dir) => {
+            for (name, text) in files {
+                let path = dir.join(name);
+                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+        }
+        None => {
+            let docs: Vec<String> = files.into_iter().map(|(_, text)| text).collect();
+            print!("{}", docs.join("---\n"));
+        }
+    }
+    Ok(())
 }
 
 /// The store every command works on.
@@ -113,6 +143,7 @@ fn main() -> ExitCode {
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
         Command::Validate(args) => validate::run(args),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Crds(args) => crds(args).map(|()| ExitCode::SUCCESS),
         Command::ExecConfined(args) => Ok(validate::exec_confined(args)),
     };
     match result {

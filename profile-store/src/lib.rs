@@ -6,6 +6,8 @@
 
 pub mod abi;
 pub mod baseline;
+#[cfg(feature = "kube")]
+pub mod crd;
 pub mod ingest;
 pub mod key;
 pub mod render;

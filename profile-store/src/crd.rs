@@ -1,0 +1,250 @@
+//! The custom resources of the Kubernetes store (group `tether.dev`, version
+//! `v1alpha1`), and their CRDs as `deploy/base/crds/` holds them.
+//!
+//! The CRD YAML in `deploy/` is generated from these types (`tether crds`); a test
+//! regenerates it and fails when the files differ, so the manifests cannot drift
+//! from the code. The KubeStore that reads and writes these objects comes next
+//! (issue #7); the shapes mirror the FsStore's [`WorkloadRecord`](crate::store::WorkloadRecord).
+
+use kube::CustomResource;
+use kube::core::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One workload container's profiles: a `WorkloadProfile` per
+/// [`WorkloadKey`](crate::WorkloadKey), in the workload's namespace, named
+/// `<kind>.<name>.<container>` (names are DNS-1123 labels without dots, so the
+/// name is unambiguous).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tether.dev",
+    version = "v1alpha1",
+    kind = "WorkloadProfile",
+    namespaced,
+    shortname = "wp",
+    status = "WorkloadProfileStatus",
+    printcolumn = r#"{"name":"Kind","type":"string","jsonPath":".spec.workload.kind"}"#,
+    printcolumn = r#"{"name":"Workload","type":"string","jsonPath":".spec.workload.name"}"#,
+    printcolumn = r#"{"name":"Container","type":"string","jsonPath":".spec.workload.container"}"#,
+    printcolumn = r#"{"name":"Active","type":"string","jsonPath":".spec.activeVersion"}"#,
+    printcolumn = r#"{"name":"Fallback","type":"string","jsonPath":".status.fallback.reason"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadProfileSpec {
+    /// The workload and container (the namespace is the object's).
+    pub workload: WorkloadRef,
+    /// What the baseline holds, summed over every observation.
+    #[serde(default)]
+    pub baseline: BaselineSummary,
+    /// The last versions, newest last; each carries its profile inline (a few KiB).
+    #[serde(default)]
+    pub versions: Vec<ProfileVersion>,
+    /// The version `tether profiles activate` pinned; without one the newest
+    /// validated (else newest) version is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_version: Option<String>,
+    /// Dangerous syscalls a reviewer approved (`tether profiles approve`).
+    #[serde(default)]
+    pub approvals: Vec<String>,
+}
+
+/// Which workload container a profile is for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    /// Controller kind, lower case: `deployment`, `statefulset`, `daemonset`,
+    /// `job`, `cronjob` or `pod`.
+    pub kind: String,
+    /// Controller (or bare pod) name.
+    pub name: String,
+    /// Container or init container name.
+    pub container: String,
+}
+
+/// The baseline, summarized: the syscall sets, not the raw events.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BaselineSummary {
+    /// Observed events.
+    #[serde(default)]
+    pub events: u64,
+    /// Distinct processes observed.
+    #[serde(default)]
+    pub processes: u64,
+    /// Calls per syscall name, per ABI (`x86_64`, `i386`, `aarch64`, `arm`).
+    #[serde(default)]
+    pub syscalls: BTreeMap<String, BTreeMap<String, u64>>,
+    /// First observation (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    /// Last observation (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+}
+
+/// A rendered, content-addressed profile version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileVersion {
+    /// The first 12 hex digits of the sha256 of the canonical profile JSON.
+    #[schemars(regex(pattern = r"^[0-9a-f]{12}$"))]
+    pub version: String,
+    /// When it was rendered (RFC 3339).
+    pub created: String,
+    /// The runtime base set it includes (`runc-1.1`, ...).
+    pub runtime: String,
+    /// Its architecture.
+    pub arch: String,
+    /// `Draft` until a staging replay passed, then `Validated`.
+    pub status: VersionState,
+    /// Dangerous syscalls it allows that still need a review.
+    #[serde(default)]
+    pub needs_review: Vec<String>,
+    /// The OCI seccomp profile (the runtime-spec `linux.seccomp` object).
+    #[schemars(schema_with = "preserve_unknown")]
+    pub profile: serde_json::Value,
+}
+
+/// Review state of a version.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum VersionState {
+    /// Rendered, not yet proven by a staging replay.
+    Draft,
+    /// A staging replay passed under it.
+    Validated,
+}
+
+/// What the crash watcher and `tether profiles fallback` write.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadProfileStatus {
+    /// Set while the workload runs under a fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackState>,
+    /// The spec generation this status was written for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Why and since when a workload is in fallback.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FallbackState {
+    /// The reason (the crash seen, or the operator's text).
+    pub reason: String,
+    /// Since when (RFC 3339).
+    pub since: String,
+    /// The pod whose crash started it, as `namespace/name`, when the crash
+    /// watcher set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+}
+
+/// What one node's installer has written under the kubelet's seccomp root: one
+/// object per node in `tether-system`, named after the node. The webhook injects
+/// a version only once the installers report it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[kube(
+    group = "tether.dev",
+    version = "v1alpha1",
+    kind = "ProfileInstallation",
+    namespaced,
+    status = "ProfileInstallationStatus",
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
+    printcolumn = r#"{"name":"Ready","type":"boolean","jsonPath":".status.ready"}"#,
+    printcolumn = r#"{"name":"Heartbeat","type":"date","jsonPath":".status.heartbeat"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileInstallationSpec {
+    /// The node this installer runs on.
+    pub node_name: String,
+}
+
+/// The installer's report.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileInstallationStatus {
+    /// Whether the installer is running and caught up.
+    #[serde(default)]
+    pub ready: bool,
+    /// When it last reported (RFC 3339); a stale heartbeat means not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<String>,
+    /// Every installed `localhostProfile` (`tether/<ns>/<kind>/<name>/<container>-<version>.json`).
+    #[serde(default)]
+    pub installed: Vec<String>,
+}
+
+/// An object schema that keeps every field (the seccomp profile is validated by
+/// tether, not by the API server).
+fn preserve_unknown(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+/// The CRDs, as `(file name under deploy/base/crds, YAML)`, in a stable order.
+///
+/// Fails only if serialization fails, which the derived types never do.
+pub fn crd_files() -> Result<Vec<(&'static str, String)>, serde_json::Error> {
+    let header = "# Generated by `tether crds --out deploy/base/crds` from profile-store/src/crd.rs.\n# Do not edit: a test regenerates it and fails when it differs.\n";
+    let yaml = |crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition| {
+        // JSON is YAML: kubectl and kustomize read it, and it needs no YAML writer.
+        serde_json::to_string_pretty(&crd).map(|json| format!("{header}{json}\n"))
+    };
+    Ok(vec![
+        ("workloadprofiles.yaml", yaml(WorkloadProfile::crd())?),
+        ("profileinstallations.yaml", yaml(ProfileInstallation::crd())?),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn crds_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/crds")
+    }
+
+    /// deploy/ is generated from these types; this fails when they drift apart.
+    /// `cargo run -- crds --out deploy/base/crds` rewrites the files.
+    #[test]
+    fn deploy_crds_match_the_rust_types() {
+        for (name, want) in crd_files().unwrap() {
+            let path = crds_dir().join(name);
+            let have = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                have == want,
+                "{} differs from the CRD generated from profile-store/src/crd.rs; run `cargo run -- crds --out deploy/base/crds`",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn a_workload_profile_round_trips_through_the_api_shape() {
+        let wp = WorkloadProfile::new(
+            "deployment.checkout.app",
+            WorkloadProfileSpec {
+                workload: WorkloadRef {
+                    kind: "deployment".into(),
+                    name: "checkout".into(),
+                    container: "app".into(),
+                },
+                baseline: BaselineSummary::default(),
+                versions: vec![],
+                active_version: None,
+                approvals: vec![],
+            },
+        );
+        let json = serde_json::to_value(&wp).unwrap();
+        assert_eq!(json["apiVersion"], "tether.dev/v1alpha1");
+        assert_eq!(json["kind"], "WorkloadProfile");
+        assert_eq!(json["spec"]["workload"]["container"], "app");
+        let back: WorkloadProfile = serde_json::from_value(json).unwrap();
+        assert_eq!(back.spec, wp.spec);
+    }
+}
