@@ -220,7 +220,7 @@ impl Tally {
                 // The parser rejects invalid UTF-8 before it writes into the line, so
                 // the bytes are still the input's here.
                 let reason = match std::str::from_utf8(line) {
-                    Err(e) => format!("not UTF-8 (byte {})", e.valid_up_to()),
+                    Err(e) => not_utf8(e),
                     Ok(_) => reason,
                 };
                 self.report.malformed(source, line_no, reason)
@@ -527,7 +527,7 @@ impl Ingest {
         let lines = for_each_line(reader, |line_no, line| {
             let line = match std::str::from_utf8(line) {
                 Ok(text) => text,
-                Err(e) => return report.malformed(source, line_no, format!("not UTF-8 (byte {})", e.valid_up_to())),
+                Err(e) => return report.malformed(source, line_no, not_utf8(e)),
             };
             match parser.parse_line(line) {
                 Ok(StraceEvent::Syscall { pid, abi, name, .. }) => {
@@ -587,6 +587,11 @@ fn for_each_line(reader: &mut dyn BufRead, mut f: impl FnMut(u64, &mut [u8])) ->
         line_no += 1;
         one_line(line_no, &mut buf, &mut f);
     }
+}
+
+/// The reason given for a line that is not UTF-8.
+fn not_utf8(e: std::str::Utf8Error) -> String {
+    format!("not UTF-8 (byte {})", e.valid_up_to())
 }
 
 /// Hands one line (with its newline) on without the line end; blank lines are

@@ -334,20 +334,19 @@ impl FsStore {
             std::process::id(),
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-generation-")
-            .tempfile_in(&self.root)
-            .map_err(io_err(&self.root))?;
-        tmp.write_all(token.as_bytes()).map_err(io_err(tmp.path()))?;
-        let path = self.root.join(GENERATION);
-        tmp.persist(&path)
-            .map_err(|e| StoreError::Io { path, source: e.error })?;
-        Ok(())
+        replace_file(&self.root.join(GENERATION), token.as_bytes(), false)
     }
 }
 
 /// Writes `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    replace_file(path, bytes, true)
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it over `path`:
+/// readers see the old or the new file, never a partial one. With `durable`, the
+/// file and then its directory are fsynced, so the new file survives a crash.
+fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut tmp = tempfile::Builder::new()
@@ -355,12 +354,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         .tempfile_in(dir)
         .map_err(io_err(dir))?;
     tmp.write_all(bytes).map_err(io_err(tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io_err(path))?;
+    if durable {
+        tmp.as_file().sync_all().map_err(io_err(path))?;
+    }
     tmp.persist(path).map_err(|e| StoreError::Io {
         path: path.to_path_buf(),
         source: e.error,
     })?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    if durable {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    }
+    Ok(())
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StoreError> {

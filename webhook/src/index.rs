@@ -6,7 +6,7 @@ use profile_store::store::WorkloadRecord;
 use profile_store::{ProfileStore, StoreError, Version, WorkloadKey};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 /// What admission needs to know about one workload container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +127,8 @@ pub struct SharedIndex {
     current: RwLock<Arc<Index>>,
     /// The last load error, while the index in service is older than the store.
     last_error: RwLock<Option<String>>,
-    loaded: RwLock<Option<Instant>>,
+    /// When the index in service was last known to match the store; `None`
+    /// until the first load.
     checked: RwLock<Option<SystemTime>>,
 }
 
@@ -139,7 +140,7 @@ impl SharedIndex {
 
     /// Whether any snapshot was loaded, and the last load error if the newest failed.
     pub fn health(&self) -> (bool, Option<String>) {
-        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner()).is_some();
+        let loaded = self.checked_at().is_some();
         (
             loaded,
             self.last_error.read().unwrap_or_else(|e| e.into_inner()).clone(),
@@ -150,13 +151,15 @@ impl SharedIndex {
     pub fn set(&self, index: Index) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(index);
         *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
-        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        self.confirm();
+        *self.checked.write().unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
     }
 
-    /// Records that the index in service was just found to match the store.
+    /// Records that the index in service was just found to match the store (a
+    /// no-op before the first load: there is nothing to vouch for).
     pub fn confirm(&self) {
-        *self.checked.write().unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
+        if let Some(at) = self.checked.write().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            *at = SystemTime::now();
+        }
     }
 
     /// When the index in service was last known to match the store (loaded, or
@@ -284,6 +287,7 @@ impl Drop for StoreWatch {
 mod watch_tests {
     use super::*;
     use profile_store::{FsStore, ProfileStore};
+    use std::time::Instant;
 
     /// Regression: the index refresh reads every record, and the directory watch
     /// took those reads for changes, so an idle webhook reloaded its index without

@@ -78,7 +78,7 @@ fn parse(body: &[u8]) -> Result<Parsed, Unreadable> {
     let request = request.ok_or_else(|| Unreadable("the AdmissionReview has no request".into()))?;
     match request {
         Ok(r) if r.is_pod_create() => {
-            let (mut req, object) = r.into_request::<Pod>(None);
+            let (mut req, object) = r.into_request::<Pod>();
             req.object = object.map(Pod::from);
             Ok(Parsed::PodCreate(Box::new(req)))
         }
@@ -88,8 +88,8 @@ fn parse(body: &[u8]) -> Result<Parsed, Unreadable> {
         ))),
         // The objects of requests tether does not act on are not needed (and may
         // be any kind).
-        Ok(r) => Ok(Parsed::Other(Box::new(r.into_request::<DynamicObject>(None).0))),
-        Err(r) => Ok(Parsed::Other(Box::new(r.into_request::<DynamicObject>(None).0))),
+        Ok(r) => Ok(Parsed::Other(Box::new(r.into_request::<DynamicObject>().0))),
+        Err(r) => Ok(Parsed::Other(Box::new(r.into_request::<DynamicObject>().0))),
     }
 }
 

@@ -57,9 +57,10 @@ impl<O> Request<O> {
             && self.sub_resource.as_deref().unwrap_or_default().is_empty()
     }
 
-    /// kube-core's request with `object`, so answers start from
-    /// `AdmissionResponse::from(&request)` and keep the uid.
-    pub fn into_request<T: kube::Resource>(self, object: Option<T>) -> (AdmissionRequest<T>, Option<O>) {
+    /// kube-core's request (without its object, which is returned beside it as
+    /// read), so answers start from `AdmissionResponse::from(&request)` and keep
+    /// the uid.
+    pub fn into_request<T: kube::Resource>(self) -> (AdmissionRequest<T>, Option<O>) {
         let own = self.object;
         let request = AdmissionRequest {
             types: TypeMeta {
@@ -77,7 +78,7 @@ impl<O> Request<O> {
             namespace: self.namespace,
             operation: self.operation,
             user_info: Default::default(),
-            object,
+            object: None,
             old_object: None,
             dry_run: self.dry_run,
             options: None,
