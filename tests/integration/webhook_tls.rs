@@ -316,3 +316,72 @@ fn tokio_stream_from(
 ) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// Guards the connection threads of `serve_tls`: every request of a connection
+/// is answered on one thread (so no other thread is woken to steal its work),
+/// and connections are spread over the threads instead of piling onto one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_connection_stays_on_one_thread_and_connections_spread() {
+    use axum::routing::get;
+    let pki = certs::generate::for_service("tether-webhook", "tether-system", &["localhost".into()], 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path(), false).unwrap();
+    let resolver = certs::reload::ReloadingResolver::new(
+        &dir.path().join("tls.crt"),
+        &dir.path().join("tls.key"),
+        certs::reload::CertMetrics::default(),
+    )
+    .unwrap();
+    let tls = certs::tls::server_config(resolver, None).unwrap();
+    let app = axum::Router::new().route(
+        "/thread",
+        get(|| async { std::thread::current().name().unwrap_or("unnamed").to_string() }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(webhook::server::serve_tls(
+        listener,
+        std::sync::Arc::new(tls),
+        app,
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(2),
+    ));
+    let threads = webhook::server::connection_threads();
+    let mut seen = Vec::new();
+    for _ in 0..threads {
+        // One client, one HTTP/2 connection: 20 concurrent requests on it.
+        let c = client(client_config(&pki.ca_cert, None), true);
+        let url = format!("https://localhost:{port}/thread");
+        let answers = futures_util::future::join_all((0..20).map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            async move {
+                let res = c.get(&url).version(reqwest::Version::HTTP_2).send().await.unwrap();
+                assert_eq!(res.version(), reqwest::Version::HTTP_2);
+                res.text().await.unwrap()
+            }
+        }))
+        .await;
+        let first = answers[0].clone();
+        assert!(first.starts_with("tether-conn-"), "answered on {first}");
+        assert!(
+            answers.iter().all(|a| *a == first),
+            "one connection, several threads: {answers:?}"
+        );
+        seen.push(first);
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen.len(),
+        threads,
+        "{threads} connections should use {threads} threads"
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap();
+}

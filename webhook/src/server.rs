@@ -148,6 +148,16 @@ pub fn metrics_router(admission: Arc<Admission>) -> Router {
 
 /// Serves `app` over TLS on `listener` until `shutdown` completes, then stops
 /// accepting and waits up to `drain` for requests in flight.
+///
+/// Each accepted connection is handed, round-robin, to one of
+/// [`connection_threads`] threads, each with its own single-threaded runtime: a
+/// connection's TLS, HTTP/2 framing and every request on it run on one thread.
+/// On tokio's shared multi-threaded runtime an admission's ~15 µs of work made
+/// the other worker wake up, steal and hand frames back through h2's connection
+/// lock (a futex wake or an eventfd write for every other request, and the
+/// reschedule interrupts that go with them). A connection cannot use more than
+/// one core this way; the API server's request rate to a webhook is far below
+/// what one core answers, and several connections still spread over the threads.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -156,8 +166,33 @@ pub async fn serve_tls(
     drain: Duration,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // Set when the drain is over: the threads then drop what is left.
+    let (closed_tx, closed) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::new();
+    let mut senders = Vec::new();
+    for n in 0..connection_threads() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, std::net::SocketAddr)>();
+        let worker = ConnectionThread {
+            acceptor: acceptor.clone(),
+            app: app.clone(),
+            closed: closed.clone(),
+        };
+        match std::thread::Builder::new()
+            .name(format!("tether-conn-{n}"))
+            .spawn(move || worker.run(rx))
+        {
+            Ok(handle) => {
+                threads.push(handle);
+                senders.push(tx);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot start a connection thread"),
+        }
+    }
+    if senders.is_empty() {
+        tracing::error!("no connection thread could be started; not serving");
+        return;
+    }
+    let mut next = 0usize;
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -173,33 +208,104 @@ pub async fn serve_tls(
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let builder = builder.clone();
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        // Registered with the connection thread's runtime: hand over the socket.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "cannot hand the connection over");
+                continue;
             }
-        });
+        };
+        let sender = &senders[next % senders.len()];
+        next = next.wrapping_add(1);
+        if sender.send((tcp, peer)).is_err() {
+            tracing::warn!(%peer, "a connection thread has stopped; connection dropped");
+        }
     }
     // Closing the listening socket is what makes new connections fail fast.
     drop(listener);
+    drop(senders);
     tracing::info!("shutting down: no new connections; draining requests in flight");
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    let drained = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    });
+    tokio::pin!(drained);
+    if tokio::time::timeout(drain, &mut drained).await.is_err() {
         tracing::warn!("drain timed out; closing the remaining connections");
+        let _ = closed_tx.send(true);
+        let _ = drained.await;
+    }
+}
+
+/// How many connection threads [`serve_tls`] runs: one per available core.
+pub fn connection_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// One connection thread of [`serve_tls`].
+struct ConnectionThread {
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    closed: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ConnectionThread {
+    /// Serves the connections `rx` hands over until it closes, then drains
+    /// them: gracefully (HTTP/2 GOAWAY, HTTP/1.1 close after the response in
+    /// flight) until every one has ended or `closed` is set.
+    fn run(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, std::net::SocketAddr)>) {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a connection thread's runtime");
+                return;
+            }
+        };
+        let ConnectionThread {
+            acceptor,
+            app,
+            mut closed,
+        } = self;
+        runtime.block_on(async move {
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            while let Some((tcp, peer)) = rx.recv().await {
+                let tcp = match tokio::net::TcpStream::from_std(tcp) {
+                    Ok(tcp) => tcp,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "cannot register the connection");
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            tokio::select! {
+                () = graceful.shutdown() => {}
+                _ = closed.wait_for(|c| *c) => {}
+            }
+        });
     }
 }
 

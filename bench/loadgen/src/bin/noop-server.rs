@@ -3,7 +3,7 @@
 //! It runs the same stack as `tether serve` — the certs crate's reloading
 //! resolver and TLS configuration (rustls with ring, TLS 1.2/1.3, ALPN `h2` and
 //! `http/1.1`), `webhook::server::serve_tls` (hyper-util's auto HTTP/1.1 + HTTP/2
-//! connection builder on a multi-threaded tokio runtime) and an axum router with the
+//! connection builder, each connection on one of its connection threads) and an axum router with the
 //! same timeout layer — but `POST /mutate` only reads the body and answers a fixed
 //! allowed AdmissionReview. The difference between the two servers is what tether's
 //! admission work (parse, decide, patch, serialize, metrics) costs.
