@@ -43,14 +43,24 @@ fn answer(result: Result<kube::core::admission::AdmissionReview<kube::core::Dyna
 async fn read_body(body: Body) -> Result<Bytes, Response> {
     use http_body_util::BodyExt;
     let mut body = body;
-    let mut kept: Vec<u8> = Vec::new();
+    // A review usually arrives in one DATA frame (HTTP/2 frames carry 16 KiB):
+    // that frame is kept as it is, and only a body in several frames is copied.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Vec<u8> = Vec::new();
     let mut total = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| (StatusCode::BAD_REQUEST, format!("reading the body: {e}")).into_response())?;
         if let Ok(data) = frame.into_data() {
             total += data.len();
             if total <= BODY_LIMIT {
-                kept.extend_from_slice(&data);
+                match first.take() {
+                    None if joined.is_empty() => first = Some(data),
+                    None => joined.extend_from_slice(&data),
+                    Some(earlier) => {
+                        joined.extend_from_slice(&earlier);
+                        joined.extend_from_slice(&data);
+                    }
+                }
             } else if total > DRAIN_LIMIT {
                 break;
             }
@@ -63,7 +73,7 @@ async fn read_body(body: Body) -> Result<Bytes, Response> {
         )
             .into_response());
     }
-    Ok(Bytes::from(kept))
+    Ok(first.unwrap_or_else(|| Bytes::from(joined)))
 }
 
 async fn mutate(State(a): State<Arc<Admission>>, body: Body) -> Response {
@@ -313,5 +323,37 @@ impl ConnectionThread {
 pub async fn serve_plain(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()> + Send + 'static) {
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(error = %e, "metrics server failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(frames: Vec<Vec<u8>>) -> Body {
+        // One stream item is one DATA frame.
+        Body::from_stream(futures_util::stream::iter(
+            frames.into_iter().map(Ok::<_, std::io::Error>),
+        ))
+    }
+
+    /// Regression guard for the one-frame shortcut: a body in any number of
+    /// frames reads back byte for byte, and the limit still counts every frame.
+    #[tokio::test]
+    async fn a_body_in_several_frames_reads_back_whole() {
+        let whole: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        for cuts in [vec![], vec![10], vec![1, 2, 3], vec![16_384, 32_768], vec![0, 49_999]] {
+            let mut frames = Vec::new();
+            let mut at = 0;
+            for c in cuts.iter().copied().chain([whole.len()]) {
+                frames.push(whole[at..c].to_vec());
+                at = c;
+            }
+            let read = read_body(body_of(frames)).await.map_err(|r| r.status()).unwrap();
+            assert_eq!(&read[..], &whole[..], "cut at {cuts:?}");
+        }
+        let big = vec![vec![b'x'; BODY_LIMIT / 2], vec![b'x'; BODY_LIMIT / 2], vec![b'x'; 2]];
+        let refused = read_body(body_of(big)).await.unwrap_err();
+        assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 }
