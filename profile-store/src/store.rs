@@ -196,6 +196,12 @@ pub trait ProfileStore {
     fn profile(&self, key: &WorkloadKey, version: &Version) -> Result<SeccompProfile, StoreError>;
     /// Stores a rendered version's profile; a no-op when it is already there.
     fn put_version(&self, key: &WorkloadKey, rendered: &Rendered) -> Result<(), StoreError>;
+    /// Stores several versions of one workload (a profile and its Log-mode
+    /// variant); each is a no-op when already there. Stores may make them durable
+    /// together, but every one is durable when this returns.
+    fn put_versions(&self, key: &WorkloadKey, versions: &[&Rendered]) -> Result<(), StoreError> {
+        versions.iter().try_for_each(|r| self.put_version(key, r))
+    }
     /// Runs `f` on the record of `key` (a new empty one when absent) under the write
     /// lock and stores the result; when `f` fails, nothing is written.
     fn update(
@@ -334,19 +340,30 @@ impl FsStore {
             std::process::id(),
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        replace_file(&self.root.join(GENERATION), token.as_bytes(), false)
+        replace_file(&self.root.join(GENERATION), token.as_bytes(), Durability::None)
     }
 }
 
 /// Writes `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    replace_file(path, bytes, true)
+    replace_file(path, bytes, Durability::Durable)
+}
+
+/// What [`replace_file`] fsyncs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Nothing: a hint that may be lost in a crash.
+    None,
+    /// The file's data, before the rename; the caller fsyncs the directory.
+    DataOnly,
+    /// The file's data, then its directory after the rename.
+    Durable,
 }
 
 /// Writes `bytes` to a temporary file beside `path` and renames it over `path`:
-/// readers see the old or the new file, never a partial one. With `durable`, the
-/// file and then its directory are fsynced, so the new file survives a crash.
-fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
+/// readers see the old or the new file, never a partial one. [`Durability::Durable`]
+/// fsyncs the file and then its directory, so the new file survives a crash.
+fn replace_file(path: &Path, bytes: &[u8], durability: Durability) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut tmp = tempfile::Builder::new()
@@ -354,14 +371,14 @@ fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StoreErr
         .tempfile_in(dir)
         .map_err(io_err(dir))?;
     tmp.write_all(bytes).map_err(io_err(tmp.path()))?;
-    if durable {
+    if durability != Durability::None {
         tmp.as_file().sync_all().map_err(io_err(path))?;
     }
     tmp.persist(path).map_err(|e| StoreError::Io {
         path: path.to_path_buf(),
         source: e.error,
     })?;
-    if durable {
+    if durability == Durability::Durable {
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
     }
     Ok(())
@@ -460,13 +477,31 @@ impl ProfileStore for FsStore {
     }
 
     fn put_version(&self, key: &WorkloadKey, rendered: &Rendered) -> Result<(), StoreError> {
-        let path = self.version_path(key, &rendered.version);
-        if path.exists() {
-            // Content-addressed: an intact file already holds these bytes.
-            return self.profile(key, &rendered.version).map(|_| ());
+        self.put_versions(key, &[rendered])
+    }
+
+    fn put_versions(&self, key: &WorkloadKey, versions: &[&Rendered]) -> Result<(), StoreError> {
+        // The files share a directory: each file's data is fsynced before its
+        // rename, and one fsync of the directory then makes every rename durable
+        // (a build writes two files per new version for hundreds of workloads;
+        // this saves one directory fsync each).
+        let mut written = false;
+        for rendered in versions {
+            let path = self.version_path(key, &rendered.version);
+            if path.exists() {
+                // Content-addressed: an intact file already holds these bytes.
+                self.profile(key, &rendered.version)?;
+                continue;
+            }
+            replace_file(&path, &rendered.profile.canonical_json(), Durability::DataOnly)?;
+            written = true;
         }
-        write_atomic(&path, &rendered.profile.canonical_json())?;
-        self.bump_generation()
+        if written {
+            let dir = self.dir(key).join("versions");
+            File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))?;
+            self.bump_generation()?;
+        }
+        Ok(())
     }
 
     fn update(
@@ -574,19 +609,16 @@ pub fn render_version(
     let removed = before.difference(&now_allowed).map(|s| s.to_string()).collect();
     let new_version = record.latest().map(|m| &m.version) != Some(&rendered.version);
     if new_version {
-        store.put_version(&key, &rendered)?;
         // The Log-mode variant is what a workload in fallback runs under where Pod
         // Security forbids Unconfined: keep it beside the profile, so whatever
         // installs profiles on nodes finds both.
         let log = rendered.profile.log_variant();
-        store.put_version(
-            &key,
-            &Rendered {
-                version: log.version(),
-                profile: log,
-                needs_review: Vec::new(),
-            },
-        )?;
+        let log = Rendered {
+            version: log.version(),
+            profile: log,
+            needs_review: Vec::new(),
+        };
+        store.put_versions(&key, &[&rendered, &log])?;
         // A version seen before (e.g. after an approval was revoked) moves to the end
         // as the newest rather than appearing twice.
         record.state.versions.retain(|v| v.version != rendered.version);
