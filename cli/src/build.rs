@@ -141,8 +141,9 @@ pub(crate) fn run(args: BuildArgs) -> Result<()> {
     let (baselines, report) = ingest.finish();
     let store = args.store.open_or_create()?;
     let now = jiff::Timestamp::now();
-    // Workloads are independent on disk: update them on several threads so that
-    // their fsyncs overlap (a build touches hundreds of workloads).
+    // Workloads are independent (on disk, and as objects in the API server):
+    // update them on several threads so that their fsyncs, or their requests,
+    // overlap (a build touches hundreds of workloads).
     let threads = baselines.len().clamp(1, STORE_THREADS);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<Vec<(usize, Result<Row>)>> = std::thread::scope(|scope| {

@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 
 /// One workload container's profiles: a `WorkloadProfile` per
 /// [`WorkloadKey`](crate::WorkloadKey), in the workload's namespace, named
-/// `<kind>.<name>.<container>` (names are DNS-1123 labels without dots, so the
-/// name is unambiguous).
+/// `<kind>.<name>.<container>` (kind and container have no dots, so the first
+/// and the last dot split the name even when the workload's name has dots).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "tether.dev",

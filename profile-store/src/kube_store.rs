@@ -399,7 +399,7 @@ fn kube_err(e: kube::Error, verb: &'static str, object: String) -> StoreError {
         other => StoreError::Kube {
             verb,
             object,
-            source: Box::new(other),
+            cause: Box::new(other),
         },
     }
 }

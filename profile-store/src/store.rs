@@ -168,15 +168,34 @@ pub enum StoreError {
     },
     /// The API server could not be reached or answered something unreadable.
     #[cfg(feature = "kube")]
-    #[error("cannot {verb} {object}: {source}; check that the API server in the kubeconfig is reachable")]
+    #[error("cannot {verb} {object}: {}; check that the API server in the kubeconfig is reachable", chain(.cause.as_ref()))]
     Kube {
         /// What was attempted.
         verb: &'static str,
         /// The object or collection.
         object: String,
-        /// The client's error.
-        source: Box<kube::Error>,
+        /// The client's error (in the message, not a `source`: reporters that
+        /// print the chain would print it twice).
+        cause: Box<kube::Error>,
     },
+}
+
+/// An error and its causes on one line: the kube client's own message often
+/// leaves out the cause that matters ("Connection refused").
+#[cfg(feature = "kube")]
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // Wrappers often repeat their cause's message; say each part once.
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 /// Where a version stands on its way to enforcement.
