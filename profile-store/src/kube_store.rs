@@ -343,13 +343,32 @@ pub fn prune(record: &mut WorkloadRecord, keep: usize) {
 /// each version is derived when asked for, not stored.
 pub struct KubeStore {
     client: kube::Client,
-    runtime: tokio::runtime::Runtime,
+    runtime: OwnedRuntime,
     keep: usize,
     attempts: usize,
     /// Profiles known to this handle and not known to be in the API server yet
     /// (put, or read during an update), by key and version. Versions are
     /// content-addressed, so an entry is never stale.
     profiles: Mutex<HashMap<WorkloadKey, BTreeMap<Version, SeccompProfile>>>,
+}
+
+/// The store's runtime, shut down without waiting when the store is dropped:
+/// dropping a runtime the usual way blocks, which panics inside another runtime.
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnedRuntime {
+    fn get(&self) -> Result<&tokio::runtime::Runtime, StoreError> {
+        // Only `drop` takes it out.
+        self.0.as_ref().ok_or(StoreError::InsideAsyncRuntime)
+    }
+}
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -404,7 +423,7 @@ fn kube_err(e: kube::Error, verb: &'static str, object: String) -> StoreError {
     }
 }
 
-/// A record and the profiles of its versions, as the API server now holds them.
+/// A record and the profiles of its versions.
 type Stored = (WorkloadRecord, BTreeMap<Version, SeccompProfile>);
 
 /// What an update wrote, so the status write can follow the spec write.
@@ -437,7 +456,7 @@ impl KubeStore {
     pub fn new(client: kube::Client, runtime: tokio::runtime::Runtime) -> KubeStore {
         KubeStore {
             client,
-            runtime,
+            runtime: OwnedRuntime(Some(runtime)),
             keep: DEFAULT_KEEP,
             attempts: DEFAULT_ATTEMPTS,
             profiles: Mutex::new(HashMap::new()),
@@ -459,7 +478,7 @@ impl KubeStore {
 
     fn block_on<T>(&self, fut: impl Future<Output = T>) -> Result<T, StoreError> {
         refuse_inside_runtime()?;
-        Ok(self.runtime.block_on(fut))
+        Ok(self.runtime.get()?.block_on(fut))
     }
 
     fn api(&self, key: &WorkloadKey) -> Api<WorkloadProfile> {
@@ -513,8 +532,8 @@ impl KubeStore {
         }
     }
 
-    /// Forgets what the API server now holds for `key` (the versions of `stored`
-    /// and their Log-mode variants): only profiles put and not yet written stay.
+    /// Forgets the profiles of `stored` (and their Log-mode variants), which the
+    /// API server holds (or held: a pruned version is gone for good).
     fn forget(&self, key: &WorkloadKey, stored: &BTreeMap<Version, SeccompProfile>) {
         let mut profiles = self.profiles.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = profiles.get_mut(key) {
@@ -568,7 +587,8 @@ impl KubeStore {
         key: &WorkloadKey,
         name: &str,
         f: &mut dyn FnMut(&mut WorkloadRecord) -> Result<(), StoreError>,
-    ) -> Result<Option<Stored>, StoreError> {
+        seen: &mut BTreeMap<Version, SeccompProfile>,
+    ) -> Result<Option<WorkloadRecord>, StoreError> {
         let current = self.get(key, name)?;
         let (mut record, mut profiles) = match &current {
             Some(obj) => record_from_object(key, &obj.spec, obj.status.as_ref())?,
@@ -577,12 +597,13 @@ impl KubeStore {
         // What the change reads through `profile` (render_version compares with the
         // newest version) comes from this read, not from another request.
         self.remember(key, &profiles);
+        seen.extend(profiles.iter().map(|(v, p)| (v.clone(), p.clone())));
         let before = record.clone();
         // The change runs outside the runtime: it may call back into this store.
         f(&mut record)?;
         prune(&mut record, self.keep);
         if record == before {
-            return Ok(Some((record, profiles)));
+            return Ok(Some(record));
         }
         for meta in &record.state.versions {
             if !profiles.contains_key(&meta.version) {
@@ -618,7 +639,8 @@ impl KubeStore {
                     obj.spec = spec;
                     self.block_on(api.replace(name, &PostParams::default(), &obj))?
                         .map_err(|e| {
-                            if is_code(&e, 409) {
+                            // Deleted since the read: the next round creates it.
+                            if is_code(&e, 409) || is_absent(&e) {
                                 None
                             } else {
                                 Some(kube_err(e, "update", describe(key)))
@@ -647,7 +669,8 @@ impl KubeStore {
                 return Ok(None);
             }
         }
-        Ok(Some((record, profiles)))
+        seen.extend(profiles);
+        Ok(Some(record))
     }
 }
 
@@ -750,8 +773,12 @@ impl ProfileStore for KubeStore {
     ) -> Result<WorkloadRecord, StoreError> {
         let name = object_name(key)?;
         for attempt in 1..=self.attempts {
-            if let Some((record, stored)) = self.try_update(key, &name, f)? {
-                self.forget(key, &stored);
+            let mut seen = BTreeMap::new();
+            let result = self.try_update(key, &name, f, &mut seen);
+            // What the round read or wrote is in the API server: only profiles put
+            // and not written yet stay with this handle.
+            self.forget(key, &seen);
+            if let Some(record) = result? {
                 return Ok(record);
             }
             tracing::debug!(object = %describe(key), attempt, "conflict: reading again");
@@ -908,7 +935,7 @@ mod tests {
     }
 
     fn finish(store: &KubeStore, server: tokio::task::JoinHandle<()>) {
-        store.runtime.block_on(server).unwrap();
+        store.runtime.get().unwrap().block_on(server).unwrap();
     }
 
     fn rendered(names: &[&str]) -> Rendered {
@@ -1103,6 +1130,26 @@ mod tests {
         finish(&store, server);
     }
 
+    #[test]
+    fn an_object_deleted_since_the_read_is_created_again() {
+        let (store, server) = scenario(vec![
+            call(Method::GET, OBJECT, 200, object("7", &with_events(1), &BTreeMap::new())),
+            call(Method::PUT, OBJECT, 404, not_found()),
+            call(Method::GET, OBJECT, 404, not_found()),
+            checked(call(Method::POST, COLLECTION, 201, Value::Null), |sent| {
+                assert_eq!(sent["spec"]["baseline"]["events"], 1);
+            }),
+        ]);
+        let record = store
+            .update(&key(), &mut |r| {
+                r.baseline.events += 1;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(record.baseline.events, 1);
+        finish(&store, server);
+    }
+
     /// A build through the store: render_version reads the newest profile from the
     /// object it just read (no extra request), the new version's profile goes
     /// inline, the oldest versions go, the pinned one stays.
@@ -1174,6 +1221,9 @@ mod tests {
         assert_eq!(outcome.added, ["flock"]);
         assert_eq!(r.state.versions.len(), 3);
         assert_eq!(r.active().unwrap().version, rs[0].version);
+        // Everything put or read is in the API server now (or pruned): the handle
+        // keeps nothing, so a build over many workloads does not grow.
+        assert!(store.profiles.lock().unwrap().is_empty());
         // The Log-mode variant is derived from the stored version, not stored.
         let stored_again = object(
             "8",
@@ -1405,9 +1455,17 @@ mod tests {
     #[test]
     fn inside_an_async_runtime_it_refuses_instead_of_panicking() {
         let (store, server) = scenario(vec![]);
-        let err = store.runtime.block_on(async { store.record(&key()) }).unwrap_err();
+        let err = store
+            .runtime
+            .get()
+            .unwrap()
+            .block_on(async { store.record(&key()) })
+            .unwrap_err();
         assert!(matches!(err, StoreError::InsideAsyncRuntime), "{err:?}");
         finish(&store, server);
+        // Dropping the store (and its runtime) inside a runtime does not panic.
+        let outer = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        outer.block_on(async move { drop(store) });
     }
 
     #[test]
