@@ -109,7 +109,7 @@ struct StoreArgs {
 
 /// Where a store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum StoreLocation {
+pub(crate) enum StoreLocation {
     /// An FsStore directory.
     Dir(PathBuf),
     /// The KubeStore; `keep` versions per workload.
@@ -164,7 +164,14 @@ impl StoreArgs {
     }
 
     fn open_with(&self, create: bool) -> Result<DynStore> {
-        Ok(match &self.store {
+        self.store.open(create)
+    }
+}
+
+impl StoreLocation {
+    /// Opens the store; with `create`, a directory store is created when absent.
+    fn open(&self, create: bool) -> Result<DynStore> {
+        Ok(match self {
             StoreLocation::Dir(dir) if create => Box::new(profile_store::FsStore::open_or_create(dir)?),
             StoreLocation::Dir(dir) => Box::new(profile_store::FsStore::open(dir)?),
             StoreLocation::Kube { keep } => Box::new(profile_store::KubeStore::connect()?.with_keep(*keep)),
