@@ -649,7 +649,10 @@ impl KubeStore {
                 }
             };
             match result {
-                Ok(obj) => written = Written::Spec(obj),
+                Ok(obj) => {
+                    seen.extend(profiles.iter().map(|(v, p)| (v.clone(), p.clone())));
+                    written = Written::Spec(obj);
+                }
                 // Created meanwhile (AlreadyExists) or changed meanwhile (Conflict).
                 Err(None) => return Ok(None),
                 Err(Some(e)) => return Err(e),
@@ -669,7 +672,6 @@ impl KubeStore {
                 return Ok(None);
             }
         }
-        seen.extend(profiles);
         Ok(Some(record))
     }
 }
