@@ -3,8 +3,10 @@
 //!
 //! The CRD YAML in `deploy/` is generated from these types (`tether crds`); a test
 //! regenerates it and fails when the files differ, so the manifests cannot drift
-//! from the code. The KubeStore that reads and writes these objects comes next
-//! (issue #7); the shapes mirror the FsStore's [`WorkloadRecord`](crate::store::WorkloadRecord).
+//! from the code. [`KubeStore`](crate::kube_store::KubeStore) reads and writes
+//! these objects; the shapes hold everything of the FsStore's
+//! [`WorkloadRecord`](crate::store::WorkloadRecord) (conversions in
+//! [`kube_store`](crate::kube_store)).
 
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
@@ -14,8 +16,8 @@ use std::collections::BTreeMap;
 
 /// One workload container's profiles: a `WorkloadProfile` per
 /// [`WorkloadKey`](crate::WorkloadKey), in the workload's namespace, named
-/// `<kind>.<name>.<container>` (names are DNS-1123 labels without dots, so the
-/// name is unambiguous).
+/// `<kind>.<name>.<container>` (kind and container have no dots, so the first
+/// and the last dot split the name even when the workload's name has dots).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "tether.dev",
@@ -37,11 +39,12 @@ pub struct WorkloadProfileSpec {
     /// What the baseline holds, summed over every observation.
     #[serde(default)]
     pub baseline: BaselineSummary,
-    /// The last versions, newest last; each carries its profile inline (a few KiB).
+    /// The last versions (10 by default), oldest first; each carries its profile
+    /// inline (a few KiB). The Log-mode variant of each is derived, not stored.
     #[serde(default)]
     pub versions: Vec<ProfileVersion>,
     /// The version `tether profiles activate` pinned; without one the newest
-    /// validated (else newest) version is active.
+    /// version is active. Never pruned from `versions`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_version: Option<String>,
     /// Dangerous syscalls a reviewer approved (`tether profiles approve`).
@@ -62,23 +65,63 @@ pub struct WorkloadRef {
     pub container: String,
 }
 
-/// The baseline, summarized: the syscall sets, not the raw events.
+/// The baseline: every counter and set of the [`Baseline`](crate::Baseline), so a
+/// build that merges new observations into it loses nothing (the raw events are
+/// never stored).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BaselineSummary {
-    /// Observed events.
+    /// Syscall events counted into `syscalls`.
     #[serde(default)]
     pub events: u64,
-    /// Distinct processes observed.
+    /// Process starts observed.
     #[serde(default)]
     pub processes: u64,
-    /// Calls per syscall name, per ABI (`x86_64`, `i386`, `aarch64`, `arm`).
+    /// Process exits observed.
     #[serde(default)]
-    pub syscalls: BTreeMap<String, BTreeMap<String, u64>>,
+    pub exits: u64,
+    /// Events of exec liveness/readiness probes (kept: probes run under the profile).
+    #[serde(default)]
+    pub exec_probe_events: u64,
+    /// Events of processes entered from outside the container (`kubectl exec`),
+    /// left out of the baseline.
+    #[serde(default)]
+    pub excluded_not_in_init_tree: u64,
+    /// Events Tetragon reported dropped on the nodes the workload ran on: when
+    /// non-zero, the baseline may be missing syscalls.
+    #[serde(default)]
+    pub dropped_on_nodes: u64,
+    /// Per syscall name: how often and when it was seen.
+    #[serde(default)]
+    pub syscalls: BTreeMap<String, SyscallSummary>,
+    /// ABIs the syscalls were made through (`x86_64`, `i386`, `aarch64`, `arm`).
+    #[serde(default)]
+    pub abis: Vec<String>,
+    /// Pods (replicas) that contributed events.
+    #[serde(default)]
+    pub pods: Vec<String>,
+    /// Nodes that contributed events.
+    #[serde(default)]
+    pub nodes: Vec<String>,
     /// First observation (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_seen: Option<String>,
     /// Last observation (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+}
+
+/// How often and when one syscall was observed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyscallSummary {
+    /// Calls observed.
+    #[serde(default)]
+    pub count: u64,
+    /// First call (RFC 3339; absent for inputs without timestamps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    /// Last call (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
 }
@@ -92,13 +135,14 @@ pub struct ProfileVersion {
     pub version: String,
     /// When it was rendered (RFC 3339).
     pub created: String,
-    /// The runtime base set it includes (`runc-1.1`, ...).
+    /// The runtime base set it was rendered with, as the operator chose it (`runc`,
+    /// `crun@1`).
     pub runtime: String,
-    /// Its architecture.
+    /// The node architecture it is for (`x86_64`, `aarch64`).
     pub arch: String,
     /// `Draft` until a staging replay passed, then `Validated`.
     pub status: VersionState,
-    /// Dangerous syscalls it allows that still need a review.
+    /// Observed dangerous syscalls it leaves out until a reviewer approves them.
     #[serde(default)]
     pub needs_review: Vec<String>,
     /// The OCI seccomp profile (the runtime-spec `linux.seccomp` object).
