@@ -6,7 +6,9 @@
 //! the in-memory [`index`], never the disk or the network.
 
 pub mod decide;
+pub mod gate;
 pub mod index;
+pub mod kube_index;
 pub mod metrics;
 pub mod patch;
 pub mod policy;

@@ -1,10 +1,12 @@
 //! Policy: modes, exemptions, on-missing behaviour, and what the webhook knows
 //! about namespaces.
 
+use crate::gate::InstallGate;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 
 /// Label and annotation names under `tether.dev/`.
 pub mod names {
@@ -118,7 +120,83 @@ pub struct Policy {
     /// Namespace labels, when they cannot come from the API server.
     #[serde(default)]
     pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// When a version counts as installed on the nodes (`all-ready` or `none`);
+    /// only the Kubernetes store has installer reports to gate on.
+    #[serde(default)]
+    pub install_gate: InstallGate,
+    /// An installer whose heartbeat is older than this many seconds is not ready.
+    #[serde(default = "default_installer_staleness")]
+    pub installer_staleness_seconds: u64,
+    /// Namespace labels from the API server (a reflector), consulted before
+    /// `namespaces`; set by the Kubernetes-fed index, never by the config file.
+    #[serde(skip)]
+    pub live_namespaces: Option<LiveNamespaces>,
 }
+
+fn default_installer_staleness() -> u64 {
+    120
+}
+
+/// The labels of every namespace as the API server last reported them (only the
+/// ones tether reads), swapped whole by the reflector that feeds it, read by
+/// admission without a call to the API server.
+#[derive(Clone, Default)]
+pub struct LiveNamespaces {
+    labels: Arc<RwLock<HashMap<String, BTreeMap<String, String>>>>,
+}
+
+impl LiveNamespaces {
+    /// The label keys tether reads; other labels are not kept.
+    pub const KEYS: [&'static str; 3] = [names::MODE, names::ALLOW_EXEMPTIONS, names::PSA_ENFORCE];
+
+    /// Replaces every namespace's labels (keeping only [`Self::KEYS`]).
+    pub fn replace<'a>(&self, namespaces: impl IntoIterator<Item = (String, Option<&'a BTreeMap<String, String>>)>) {
+        let map = namespaces
+            .into_iter()
+            .map(|(name, labels)| {
+                let kept = labels
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| Self::KEYS.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                (name, kept)
+            })
+            .collect();
+        *self.labels.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+
+    /// Calls `f` with the labels of `namespace` (`None`: not seen by the reflector).
+    fn with<T>(&self, namespace: &str, f: impl FnOnce(Option<&BTreeMap<String, String>>) -> T) -> T {
+        let map = self.labels.read().unwrap_or_else(|e| e.into_inner());
+        f(map.get(namespace))
+    }
+
+    /// How many namespaces it knows.
+    pub fn len(&self) -> usize {
+        self.labels.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether it knows no namespace.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for LiveNamespaces {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveNamespaces").field("namespaces", &self.len()).finish()
+    }
+}
+
+// Two handles are equal when they share the same map (the policy derives Eq).
+impl PartialEq for LiveNamespaces {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.labels, &other.labels)
+    }
+}
+
+impl Eq for LiveNamespaces {}
 
 fn default_mode() -> Mode {
     Mode::Enforce
@@ -135,6 +213,9 @@ impl Default for Policy {
             on_missing: default_on_missing(),
             exemption_namespaces: BTreeSet::new(),
             namespaces: BTreeMap::new(),
+            install_gate: InstallGate::default(),
+            installer_staleness_seconds: default_installer_staleness(),
+            live_namespaces: None,
         }
     }
 }
@@ -159,9 +240,19 @@ impl Policy {
         serde_saphyr::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// The view of `namespace`, from its labels (`labels` when the caller has them,
-    /// else the config's).
+    /// The view of `namespace`, from its labels: `labels` when the caller has them,
+    /// else the API server's (when [`Policy::live_namespaces`] is set and has seen
+    /// the namespace), else the config's.
     pub fn namespace(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> NamespaceView {
+        match (labels, &self.live_namespaces) {
+            (None, Some(live)) => live.with(namespace, |live| self.view(namespace, live)),
+            _ => self.view(namespace, labels),
+        }
+    }
+
+    fn view(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> NamespaceView {
+        // A namespace the reflector has not seen yet (created a moment ago) falls
+        // back to the config, then to the defaults.
         let labels = labels.or_else(|| self.namespaces.get(namespace).map(|n| &n.labels));
         let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
         let (mode, label_problem) = match label(names::MODE).map(str::parse::<Mode>) {
