@@ -82,7 +82,11 @@ pub fn is_ready(installation: &ProfileInstallation, now: jiff::Timestamp, stalen
     let Some(status) = &installation.status else {
         return false;
     };
-    let Some(beat) = status.heartbeat.as_deref().and_then(|h| h.parse::<jiff::Timestamp>().ok()) else {
+    let Some(beat) = status
+        .heartbeat
+        .as_deref()
+        .and_then(|h| h.parse::<jiff::Timestamp>().ok())
+    else {
         return false;
     };
     let age = now.duration_since(beat);
@@ -179,7 +183,10 @@ mod tests {
 
     /// Versions `a..`: profile `aaaaaaaaaaa0`, Log-mode variant `aaaaaaaaaaa1`, ...
     fn versions(n: usize) -> Vec<(Version, Version)> {
-        ["a", "b", "c", "d"][..n].iter().map(|c| (v(c, false), v(c, true))).collect()
+        ["a", "b", "c", "d"][..n]
+            .iter()
+            .map(|c| (v(c, false), v(c, true)))
+            .collect()
     }
 
     /// The localhostProfiles of the named files: `a` is version a's profile, `a~`
@@ -280,11 +287,11 @@ mod tests {
     }
 
     #[rstest]
-    #[case::none(&[], &[])]
-    #[case::one(&[&["x", "y"]], &["x", "y"])]
-    #[case::intersection(&[&["x", "y", "z"], &["z", "x"], &["x", "z", "w"]], &["x", "z"])]
-    #[case::one_empty(&[&["x"], &[]], &[])]
-    fn installed_everywhere_is_the_intersection(#[case] lists: &[&[&str]], #[case] want: &[&str]) {
+    #[case::none(vec![], &[])]
+    #[case::one(vec![&["x", "y"][..]], &["x", "y"])]
+    #[case::intersection(vec![&["x", "y", "z"][..], &["z", "x"], &["x", "z", "w"]], &["x", "z"])]
+    #[case::one_empty(vec![&["x"][..], &[]], &[])]
+    fn installed_everywhere_is_the_intersection(#[case] lists: Vec<&[&str]>, #[case] want: &[&str]) {
         let installations: Vec<_> = lists
             .iter()
             .enumerate()

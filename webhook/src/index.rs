@@ -88,6 +88,12 @@ impl Index {
             .flatten()
     }
 
+    /// The shared entry of `key` (tests check that rebuilds share unchanged entries).
+    #[cfg(test)]
+    pub(crate) fn shared_entry(&self, key: &WorkloadKey) -> Option<&Arc<Entry>> {
+        self.entries.get(key)
+    }
+
     /// Workloads in fallback.
     pub fn in_fallback(&self) -> usize {
         self.entries.values().filter(|e| e.fallback.is_some()).count()

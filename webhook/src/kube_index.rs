@@ -151,16 +151,19 @@ pub fn watch_kube(
     let (namespace_store, writer) = reflector::store::<PartialObjectMeta<Namespace>>();
     let namespace_events = reflector::reflector(
         writer,
-        watcher(Api::<PartialObjectMeta<Namespace>>::all(client), watcher::Config::default())
-            .map_ok(|event| {
-                event.modify(|ns| {
-                    // Only labels are read; annotations (last-applied-configuration)
-                    // and managed fields are most of a namespace's metadata.
-                    ns.metadata.managed_fields = None;
-                    ns.metadata.annotations = None;
-                })
+        watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client),
+            watcher::Config::default(),
+        )
+        .map_ok(|event| {
+            event.modify(|ns| {
+                // Only labels are read; annotations (last-applied-configuration)
+                // and managed fields are most of a namespace's metadata.
+                ns.metadata.managed_fields = None;
+                ns.metadata.annotations = None;
             })
-            .default_backoff(),
+        })
+        .default_backoff(),
     );
 
     let tasks = vec![
@@ -171,7 +174,12 @@ pub fn watch_kube(
             state.clone(),
             metrics.clone(),
         )),
-        tokio::spawn(drive(namespace_events, Source::Namespaces, state.clone(), metrics.clone())),
+        tokio::spawn(drive(
+            namespace_events,
+            Source::Namespaces,
+            state.clone(),
+            metrics.clone(),
+        )),
         tokio::spawn(rebuild_loop(
             Stores {
                 profiles,
@@ -350,7 +358,10 @@ impl Builder {
                     "no node installer is ready with a fresh heartbeat: no profile is injectable, pods get the on-missing behaviour"
                 );
             } else if self.ready.is_empty() {
-                tracing::info!(installers = ready.len(), "node installers ready: profiles are injectable");
+                tracing::info!(
+                    installers = ready.len(),
+                    "node installers ready: profiles are injectable"
+                );
             }
             self.installed = Some(Arc::new(Installed::Everywhere(gate::installed_everywhere(
                 ready.iter().map(|i| &**i),
@@ -413,8 +424,11 @@ fn entry_of(key: &WorkloadKey, wp: &WorkloadProfile, installed: &Installed) -> E
         .iter()
         .filter_map(|v| Some((v.version.parse().ok()?, compacted_variant(v)?)))
         .collect();
-    let active = gate::active_position(&wp.spec)
-        .and_then(|i| versions.iter().position(|(v, _)| v.as_str() == wp.spec.versions[i].version));
+    let active = gate::active_position(&wp.spec).and_then(|i| {
+        versions
+            .iter()
+            .position(|(v, _)| v.as_str() == wp.spec.versions[i].version)
+    });
     let gated = gate::gate(key, &versions, active, installed);
     Entry {
         active: gated.version,
@@ -491,3 +505,6 @@ async fn rebuild_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -185,7 +185,9 @@ impl LiveNamespaces {
 
 impl fmt::Debug for LiveNamespaces {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LiveNamespaces").field("namespaces", &self.len()).finish()
+        f.debug_struct("LiveNamespaces")
+            .field("namespaces", &self.len())
+            .finish()
     }
 }
 
