@@ -239,7 +239,11 @@ pub struct NamespaceView {
 impl Policy {
     /// Reads a policy file (YAML, or JSON which is YAML too).
     pub fn from_yaml(text: &str) -> Result<Policy, String> {
-        serde_saphyr::from_str(text).map_err(|e| e.to_string())
+        let policy: Policy = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+        if policy.installer_staleness_seconds == 0 {
+            return Err("installerStalenessSeconds: 0 would count no installer as ready; use the seconds between heartbeats and some margin (default 120)".into());
+        }
+        Ok(policy)
     }
 
     /// The view of `namespace`, from its labels: `labels` when the caller has them,
@@ -310,6 +314,49 @@ namespaces:
         labels.insert(names::MODE.to_string(), "off".to_string());
         let live = policy.namespace("staging", Some(&labels));
         assert_eq!((live.mode, live.allow_exemptions), (Mode::Off, true));
+    }
+
+    #[test]
+    fn install_gate_settings() {
+        let default = Policy::from_yaml("{}").unwrap();
+        assert_eq!(
+            (default.install_gate, default.installer_staleness_seconds),
+            (InstallGate::AllReady, 120)
+        );
+        let off = Policy::from_yaml("installGate: none\ninstallerStalenessSeconds: 300\n").unwrap();
+        assert_eq!(
+            (off.install_gate, off.installer_staleness_seconds),
+            (InstallGate::None, 300)
+        );
+        assert!(Policy::from_yaml("installGate: some\n").is_err());
+        let err = Policy::from_yaml("installerStalenessSeconds: 0\n").unwrap_err();
+        assert!(err.contains("installerStalenessSeconds"), "{err}");
+    }
+
+    /// Live labels come first, only the labels tether reads are kept, and the
+    /// config answers for namespaces the API server has not reported.
+    #[test]
+    fn live_namespace_labels_override_the_config() {
+        let mut policy = Policy::from_yaml(
+            "namespaces:\n  a: {labels: {tether.dev/mode: dry-run}}\n  b: {labels: {tether.dev/mode: dry-run}}\n",
+        )
+        .unwrap();
+        let live = LiveNamespaces::default();
+        let labels: BTreeMap<String, String> = [(names::MODE, "off"), ("team", "x")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        live.replace([("a".to_string(), Some(&labels))]);
+        policy.live_namespaces = Some(live.clone());
+        assert_eq!(policy.namespace("a", None).mode, Mode::Off);
+        assert_eq!(policy.namespace("b", None).mode, Mode::DryRun);
+        assert_eq!(
+            live.labels.read().unwrap()["a"].len(),
+            1,
+            "labels tether does not read were kept"
+        );
+        // The policy still compares equal to a clone sharing the same labels.
+        assert_eq!(policy.clone(), policy);
     }
 
     #[test]
