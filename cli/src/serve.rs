@@ -131,3 +131,24 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_flag_selects_the_api_server_or_a_directory() {
+        assert_eq!(
+            store_source("kube://", "ops").unwrap(),
+            StoreSource::Kube {
+                installer_namespace: "ops".into()
+            }
+        );
+        assert_eq!(
+            store_source("./profiles", "ops").unwrap(),
+            StoreSource::Dir("./profiles".into())
+        );
+        let err = store_source("kube://shop", "ops").unwrap_err().to_string();
+        assert!(err.contains("plain `kube://`"), "{err}");
+    }
+}
