@@ -231,6 +231,11 @@ async fn drive<K>(
         }
         state.wake.notify_one();
     }
+    // A watcher retries for ever; should its stream end anyway, say so rather
+    // than serve an index that silently stopped following the API server.
+    tracing::error!(resource = %source, "watch ended; the index no longer follows it");
+    state.progress().errors[source as usize] = Some(format!("watch of {source} ended"));
+    state.wake.notify_one();
 }
 
 /// Log-mode variant versions of verified profile versions. Versions are content

@@ -133,13 +133,6 @@ enum Source {
     Kube(kube::Client, crate::policy::LiveNamespaces, KubeIndexOptions),
 }
 
-/// Keeps the index watch running (dropped at shutdown).
-#[allow(dead_code)] // held for its Drop
-enum Watch {
-    Dir(crate::index::StoreWatch),
-    Kube(crate::kube_index::KubeWatch),
-}
-
 /// Starts the webhook on the current tokio runtime.
 pub async fn start(opts: ServeOptions) -> Result<Running, StartError> {
     let metrics = Metrics::default();
@@ -186,9 +179,10 @@ pub async fn start(opts: ServeOptions) -> Result<Running, StartError> {
     let mut metrics_rx = rx.clone();
     let (store_poll, cert_poll, drain) = (opts.store_poll, opts.cert_poll, opts.drain);
     let done = tokio::spawn(async move {
-        let _store_watch = match source {
-            Source::Dir(store) => Watch::Dir(watch_store(index, store, store_poll, metrics)),
-            Source::Kube(client, live, kube_opts) => Watch::Kube(watch_kube(client, index, live, kube_opts, metrics)),
+        // Held for its Drop: the watch stops with the server.
+        let _store_watch: Box<dyn Send> = match source {
+            Source::Dir(store) => Box::new(watch_store(index, store, store_poll, metrics)),
+            Source::Kube(client, live, kube_opts) => Box::new(watch_kube(client, index, live, kube_opts, metrics)),
         };
         let _cert_watch = resolver.watch(cert_poll);
         let metrics_server = tokio::spawn(serve_plain(metrics_listener, metrics_app, async move {
