@@ -6,13 +6,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use webhook::policy::{Mode, OnMissing, Policy};
-use webhook::run::{ServeOptions, start};
+use webhook::run::{ServeOptions, StoreSource, start};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
-    /// The profile store directory.
-    #[arg(long, env = "TETHER_STORE", value_name = "DIR")]
-    store: PathBuf,
+    /// The profile store: a directory (the embedded store), or `kube://` for the
+    /// WorkloadProfiles in the API server (kubeconfig or in-cluster service account).
+    #[arg(long, env = "TETHER_STORE", value_name = "DIR|kube://")]
+    store: String,
+    /// With `--store kube://`: the namespace of the node installers'
+    /// ProfileInstallations (the webhook's own namespace in the deployment).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tether-system")]
+    installer_namespace: String,
     /// Serving certificate (PEM; reloaded when it changes).
     #[arg(long, env = "TETHER_TLS_CERT", value_name = "FILE")]
     tls_cert: PathBuf,
@@ -45,7 +50,8 @@ pub(crate) struct ServeArgs {
     /// Time to drain requests in flight on SIGTERM, in seconds.
     #[arg(long, env = "TETHER_DRAIN_SECONDS", default_value_t = 20)]
     drain_seconds: u64,
-    /// Poll backstop for certificate and store changes, in seconds.
+    /// Poll backstop for certificate and store changes, in seconds (with
+    /// `--store kube://`: how often installer heartbeats are re-checked).
     #[arg(long, env = "TETHER_POLL_SECONDS", default_value_t = 10)]
     poll_seconds: u64,
 }
@@ -68,11 +74,25 @@ pub(crate) fn policy(config: Option<&PathBuf>, mode: Option<Mode>, on_missing: O
     Ok(policy)
 }
 
+/// `kube://` is the API server; anything else is a store directory.
+fn store_source(store: &str, installer_namespace: &str) -> Result<StoreSource> {
+    match store.strip_prefix("kube://") {
+        Some("") => Ok(StoreSource::Kube {
+            installer_namespace: installer_namespace.to_string(),
+        }),
+        Some(rest) => anyhow::bail!(
+            "--store {store}: `tether serve` takes plain `kube://` (namespaces come from the WorkloadProfiles), not `{rest}`"
+        ),
+        None => Ok(StoreSource::Dir(PathBuf::from(store))),
+    }
+}
+
 pub(crate) fn run(args: ServeArgs) -> Result<()> {
     let policy = policy(args.config.as_ref(), args.default_mode, args.on_missing)?;
+    let store = store_source(&args.store, &args.installer_namespace)?;
     let poll = Duration::from_secs(args.poll_seconds.max(1));
     let opts = ServeOptions {
-        store: args.store,
+        store,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         client_ca: args.client_ca,
@@ -110,4 +130,25 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         running.wait().await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_flag_selects_the_api_server_or_a_directory() {
+        assert_eq!(
+            store_source("kube://", "ops").unwrap(),
+            StoreSource::Kube {
+                installer_namespace: "ops".into()
+            }
+        );
+        assert_eq!(
+            store_source("./profiles", "ops").unwrap(),
+            StoreSource::Dir("./profiles".into())
+        );
+        let err = store_source("kube://shop", "ops").unwrap_err().to_string();
+        assert!(err.contains("plain `kube://`"), "{err}");
+    }
 }

@@ -81,6 +81,12 @@ pub struct Metrics {
     pub index_age_seconds: Gauge<f64, AtomicU64>,
     /// Failed index loads (the previous index stays in service).
     pub index_load_failures: Counter,
+    /// Node installers that count for install gating (ready, fresh heartbeat);
+    /// 0 with gating on means nothing is injectable.
+    pub ready_installers: Gauge,
+    /// Workloads whose active version is not yet installed on every ready node
+    /// (an older installed version, or none, is injected meanwhile).
+    pub held_back_workloads: Gauge,
     /// Certificate metrics.
     pub certs: certs::CertMetrics,
 }
@@ -111,6 +117,8 @@ impl Default for Metrics {
             store_versions: Gauge::default(),
             index_age_seconds: Gauge::default(),
             index_load_failures: Counter::default(),
+            ready_installers: Gauge::default(),
+            held_back_workloads: Gauge::default(),
             certs: certs::CertMetrics::default(),
         }
     }
@@ -155,6 +163,16 @@ impl Metrics {
             "index_load_failures",
             "Failed loads of the admission index (the previous one stays)",
             self.index_load_failures.clone(),
+        );
+        r.register(
+            "ready_installers",
+            "Node installers that count for install gating (ready, fresh heartbeat)",
+            self.ready_installers.clone(),
+        );
+        r.register(
+            "held_back_workloads",
+            "Workloads whose active version is not installed on every ready node yet",
+            self.held_back_workloads.clone(),
         );
         self.certs.register(&mut r);
         r
