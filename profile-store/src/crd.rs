@@ -115,6 +115,111 @@ pub enum VersionState {
     Validated,
 }
 
+/// Why a `WorkloadProfile` cannot be used as it stands.
+#[derive(Debug, thiserror::Error)]
+pub enum CrdError {
+    /// The object's namespace or `spec.workload` is not a valid workload key.
+    #[error("WorkloadProfile {object}: spec.workload is not a valid workload key ({source}); fix or delete the object")]
+    Key {
+        /// The object, as `namespace/name`.
+        object: String,
+        /// What is wrong.
+        source: crate::key::KeyError,
+    },
+    /// A version's inline profile is not a seccomp profile.
+    #[error(
+        "WorkloadProfile {object}: version {version}: spec.versions[].profile is not a seccomp profile ({source}); re-render it with `tether build`"
+    )]
+    Profile {
+        /// The object, as `namespace/name`.
+        object: String,
+        /// The version.
+        version: String,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// A version's inline profile does not hash to its version: it was edited.
+    #[error(
+        "WorkloadProfile {object}: version {version} holds a profile that hashes to {actual}: it was altered; re-render it with `tether build`"
+    )]
+    Mismatch {
+        /// The object, as `namespace/name`.
+        object: String,
+        /// The version named.
+        version: String,
+        /// The version its content hashes to.
+        actual: crate::Version,
+    },
+}
+
+impl WorkloadProfile {
+    /// The object name of `key`'s profile: `<kind>.<name>.<container>`.
+    pub fn object_name(key: &crate::WorkloadKey) -> String {
+        format!("{}.{}.{}", key.kind(), key.name(), key.container())
+    }
+
+    /// `namespace/name`, for messages.
+    pub fn display_name(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            self.metadata.name.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// The workload key the object is for (the namespace is the object's), validated.
+    pub fn key(&self) -> Result<crate::WorkloadKey, CrdError> {
+        let w = &self.spec.workload;
+        crate::WorkloadKey::new(
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            &w.kind,
+            &w.name,
+            &w.container,
+        )
+        .map_err(|source| CrdError::Key {
+            object: self.display_name(),
+            source,
+        })
+    }
+
+    /// The seccomp profile `version` holds, verified against its version (the
+    /// canonical JSON must hash to it, as a version file on a node must).
+    pub fn profile_of(&self, version: &ProfileVersion) -> Result<crate::SeccompProfile, CrdError> {
+        let profile: crate::SeccompProfile =
+            serde_json::from_value(version.profile.clone()).map_err(|source| CrdError::Profile {
+                object: self.display_name(),
+                version: version.version.clone(),
+                source,
+            })?;
+        let actual = profile.version();
+        if actual.as_str() != version.version {
+            return Err(CrdError::Mismatch {
+                object: self.display_name(),
+                version: version.version.clone(),
+                actual,
+            });
+        }
+        Ok(profile)
+    }
+}
+
+impl WorkloadProfileSpec {
+    /// The active version: the pinned one (`activeVersion`), else the newest
+    /// validated one, else the newest. `None` when nothing was rendered, or the
+    /// pinned version is no longer kept (admission then has nothing to inject).
+    pub fn active(&self) -> Option<&ProfileVersion> {
+        match &self.active_version {
+            Some(pinned) => self.versions.iter().find(|v| &v.version == pinned),
+            None => self
+                .versions
+                .iter()
+                .rev()
+                .find(|v| v.status == VersionState::Validated)
+                .or_else(|| self.versions.last()),
+        }
+    }
+}
+
 /// What the crash watcher and `tether profiles fallback` write.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
