@@ -5,8 +5,10 @@
 //! JSON patch); [`server`] puts them behind axum on rustls. Admission reads only
 //! the in-memory [`index`], never the disk or the network.
 
+pub mod crash;
 pub mod decide;
 pub mod index;
+pub mod lease;
 pub mod metrics;
 pub mod patch;
 pub mod policy;

@@ -62,6 +62,13 @@ pub struct ExemptionLabels {
     pub result: &'static str,
 }
 
+/// Labels of crash fallbacks.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CrashLabels {
+    /// `exit_code_159`, `sigsys` or `seccomp_load_error`.
+    pub reason: &'static str,
+}
+
 /// The webhook's metrics; cloning shares them.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -81,6 +88,10 @@ pub struct Metrics {
     pub index_age_seconds: Gauge<f64, AtomicU64>,
     /// Failed index loads (the previous index stays in service).
     pub index_load_failures: Counter,
+    /// Workloads the crash watcher put into fallback, by crash reason.
+    pub crash_fallbacks: Family<CrashLabels, Counter>,
+    /// 1 while this replica holds the crash watcher's Lease.
+    pub crash_watcher_leader: Gauge,
     /// Certificate metrics.
     pub certs: certs::CertMetrics,
 }
@@ -111,6 +122,8 @@ impl Default for Metrics {
             store_versions: Gauge::default(),
             index_age_seconds: Gauge::default(),
             index_load_failures: Counter::default(),
+            crash_fallbacks: Family::default(),
+            crash_watcher_leader: Gauge::default(),
             certs: certs::CertMetrics::default(),
         }
     }
@@ -155,6 +168,16 @@ impl Metrics {
             "index_load_failures",
             "Failed loads of the admission index (the previous one stays)",
             self.index_load_failures.clone(),
+        );
+        r.register(
+            "crash_fallbacks",
+            "Workloads put into fallback after a container crashed under its profile, by reason",
+            self.crash_fallbacks.clone(),
+        );
+        r.register(
+            "crash_watcher_leader",
+            "1 while this replica holds the crash watcher's Lease and acts on crashes",
+            self.crash_watcher_leader.clone(),
         );
         self.certs.register(&mut r);
         r
