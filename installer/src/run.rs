@@ -478,7 +478,7 @@ mod tests {
         );
         assert!(third.installed.contains(&old));
         let fourth = installer.reconcile([&v2], [], t0 + grace * 4);
-        assert_eq!(fourth.removed, [old.clone()]);
+        assert_eq!(fourth.removed, std::slice::from_ref(&old));
         assert!(!dir.path().join("seccomp").join(&old).exists());
         assert_eq!(fourth.installed.len(), 2);
         let status = status_of(&fourth, "2026-11-30T23:00:00Z".parse().unwrap());

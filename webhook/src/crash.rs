@@ -378,20 +378,15 @@ pub struct CrashWatcherOptions {
 /// replica holding the Lease acts on seccomp crashes and on fallbacks that
 /// ended. A replica that becomes leader first looks at everything its caches
 /// hold, so crashes seen while another replica led are not missed.
-pub fn run_crash_watcher(
-    client: kube::Client,
-    opts: CrashWatcherOptions,
-) -> impl Future<Output = Result<(), CrashError>> + Send {
-    async move {
-        let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
-        let election = tokio::spawn(run_election(
-            Elector::new(client.clone(), opts.lease.clone()),
-            leading_tx,
-        ));
-        let result = watch(client, &opts, &mut leading).await;
-        election.abort();
-        result
-    }
+pub async fn run_crash_watcher(client: kube::Client, opts: CrashWatcherOptions) -> Result<(), CrashError> {
+    let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
+    let election = tokio::spawn(run_election(
+        Elector::new(client.clone(), opts.lease.clone()),
+        leading_tx,
+    ));
+    let result = watch(client, &opts, &mut leading).await;
+    election.abort();
+    result
 }
 
 async fn watch(

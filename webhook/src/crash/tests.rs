@@ -371,3 +371,19 @@ async fn a_newer_validated_active_version_clears_the_fallback() {
     })
     .await;
 }
+
+/// `tether serve` spawns the watcher on the runtime: it must be `Send`.
+#[tokio::test]
+async fn the_watcher_future_can_be_spawned() {
+    fn spawnable<F: std::future::Future + Send + 'static>(_: &F) {}
+    let (service, _handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let future = run_crash_watcher(
+        client,
+        CrashWatcherOptions {
+            lease: crate::lease::LeaseConfig::crash_watcher("tether-system", "webhook-0"),
+            metrics: Metrics::default(),
+        },
+    );
+    spawnable(&future);
+}
