@@ -8,7 +8,7 @@
 
 use profile_store::store::{NodeFile, localhost_profile, parse_localhost_profile, write_atomic};
 use profile_store::{StoreError, Version};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -80,9 +80,22 @@ pub struct Scan {
     pub verified: BTreeSet<String>,
     /// Files that do not hash to their version (never reported as installed).
     pub mismatched: Vec<NodeError>,
+    /// Their `localhostProfile`s.
+    pub altered: BTreeSet<String>,
     /// Entries under `tether/` that are not version files (temporary files of an
     /// interrupted write, symlinks, files someone else put there): left alone.
     pub ignored: usize,
+}
+
+/// Files already verified, by `localhostProfile`, with the inode, size and
+/// modification time they had: a pass re-reads only files that changed, not
+/// every version on the node every heartbeat.
+#[derive(Debug, Default)]
+pub struct Verified(HashMap<String, (u64, u64, i64, i64)>);
+
+fn stamp(m: &fs::Metadata) -> (u64, u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
 }
 
 /// The kubelet's seccomp root of this node.
@@ -141,10 +154,12 @@ impl NodeDir {
         }
     }
 
-    /// Every version file under `tether/`, verified against its name. Symlinks
-    /// are not followed.
-    pub fn scan(&self) -> Result<Scan, NodeError> {
+    /// Every version file under `tether/`, verified against its name (files
+    /// `cache` vouches for unchanged are not read again). Symlinks are not
+    /// followed.
+    pub fn scan(&self, cache: &mut Verified) -> Result<Scan, NodeError> {
         let mut scan = Scan::default();
+        let mut seen = HashMap::new();
         let root = self.tether_root();
         // tether/<ns>/<kind>/<name>/<file>: three levels of directories.
         let mut dirs = vec![(root, String::from("tether"), 0)];
@@ -168,11 +183,21 @@ impl NodeDir {
                     && kind.is_file()
                     && let Ok((path, version)) = self.path_of(&rel)
                 {
+                    let now = entry.metadata().map(|m| stamp(&m)).map_err(io_err(&path))?;
+                    if cache.0.get(&rel) == Some(&now) {
+                        seen.insert(rel.clone(), now);
+                        scan.verified.insert(rel);
+                        continue;
+                    }
                     match verify(&path, &version) {
                         Ok(()) => {
+                            seen.insert(rel.clone(), now);
                             scan.verified.insert(rel);
                         }
-                        Err(e @ NodeError::HashMismatch { .. }) => scan.mismatched.push(e),
+                        Err(e @ NodeError::HashMismatch { .. }) => {
+                            scan.altered.insert(rel);
+                            scan.mismatched.push(e);
+                        }
                         Err(e) => return Err(e),
                     }
                 } else {
@@ -180,6 +205,7 @@ impl NodeDir {
                 }
             }
         }
+        cache.0 = seen;
         Ok(scan)
     }
 
@@ -258,7 +284,7 @@ mod tests {
         let inode = fs::metadata(&path).unwrap().ino();
         assert_eq!(node.install(&file).unwrap(), Installed::Present);
         assert_eq!(fs::metadata(&path).unwrap().ino(), inode);
-        let scan = node.scan().unwrap();
+        let scan = node.scan(&mut Verified::default()).unwrap();
         assert_eq!(
             scan.verified,
             BTreeSet::from([file.localhost_profile.clone(), log.localhost_profile.clone()])
@@ -281,7 +307,7 @@ mod tests {
             b"{\"defaultAction\":\"SCMP_ACT_ALLOW\"}",
             "rewritten"
         );
-        let scan = node.scan().unwrap();
+        let scan = node.scan(&mut Verified::default()).unwrap();
         assert!(scan.verified.is_empty());
         assert_eq!(scan.mismatched.len(), 1);
     }
@@ -321,7 +347,7 @@ mod tests {
         fs::write(dir.join("notes.txt"), b"mine").unwrap();
         fs::write(dir.join(".tmp-abc"), b"partial").unwrap();
         std::os::unix::fs::symlink(&outside, dir.join("app-0123456789ab.json")).unwrap();
-        let scan = node.scan().unwrap();
+        let scan = node.scan(&mut Verified::default()).unwrap();
         assert_eq!(scan.verified, BTreeSet::from([file.localhost_profile.clone()]));
         assert_eq!(scan.ignored, 3);
     }

@@ -3,7 +3,7 @@
 //! removes files; every pass (on a change, and at least every heartbeat) ends
 //! with the node's report.
 
-use crate::node::{NodeDir, NodeError};
+use crate::node::{Installed, NodeDir, NodeError, Verified};
 use crate::plan::{Gc, PlanOptions, desired, referenced_by};
 use crate::report::{ReportError, Reporter};
 use futures_util::{FutureExt, StreamExt};
@@ -129,6 +129,7 @@ pub struct Installer {
     node: NodeDir,
     plan: PlanOptions,
     gc: Gc,
+    verified: Verified,
 }
 
 impl Installer {
@@ -138,6 +139,7 @@ impl Installer {
             node,
             plan,
             gc: Gc::new(grace),
+            verified: Verified::default(),
         }
     }
 
@@ -154,22 +156,30 @@ impl Installer {
         let mut pass = Pass::default();
         let want = desired(profiles, self.plan);
         pass.problems = want.problems.iter().map(|p| p.to_string()).collect();
-        for file in want.files.values() {
-            match self.node.install(file) {
-                Ok(crate::node::Installed::Written) => pass.written.push(file.localhost_profile.clone()),
-                Ok(crate::node::Installed::Present) => {}
-                // The scan below reports altered files; do not count them twice.
-                Err(NodeError::HashMismatch { .. }) => {}
-                Err(e) => pass.errors.push(e),
-            }
-        }
-        let scan = match self.node.scan() {
+        // Look first, then write only what is missing: an intact file is never
+        // touched, and an altered one is reported by the scan, not rewritten.
+        let mut scan = match self.node.scan(&mut self.verified) {
             Ok(s) => s,
             Err(e) => {
                 pass.errors.push(e);
                 return pass;
             }
         };
+        for (path, file) in &want.files {
+            if scan.verified.contains(path) || scan.altered.contains(path) {
+                continue;
+            }
+            match self.node.install(file) {
+                Ok(Installed::Written) => {
+                    pass.written.push(path.clone());
+                    scan.verified.insert(path.clone());
+                }
+                Ok(Installed::Present) => {
+                    scan.verified.insert(path.clone());
+                }
+                Err(e) => pass.errors.push(e),
+            }
+        }
         pass.errors.extend(scan.mismatched);
         let referenced: BTreeSet<String> = pods.into_iter().flat_map(referenced_by).map(str::to_string).collect();
         let wanted: BTreeSet<String> = want.files.into_keys().collect();
