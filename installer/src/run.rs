@@ -403,7 +403,7 @@ mod tests {
     use super::*;
     use profile_store::crd::{ProfileVersion, VersionState, WorkloadProfileSpec, WorkloadRef};
     use profile_store::{SeccompProfile, WorkloadKey};
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn wp(versions: &[&[&str]]) -> WorkloadProfile {
         let versions = versions
@@ -512,5 +512,116 @@ mod tests {
             std::fs::read(dir.path().join("seccomp").join(&first.installed[0])).unwrap(),
             b"{}"
         );
+    }
+
+    /// The whole loop against a scripted API server: the lists of
+    /// WorkloadProfiles and of this node's pods (field selector) feed a pass that
+    /// writes the files, and the node's ProfileInstallation is created and its
+    /// status reports them. Watches are left pending; anything else fails.
+    #[tokio::test]
+    async fn the_loop_installs_what_the_lists_hold_and_reports_it() {
+        use http::{Request, Response, StatusCode};
+        use http_body_util::BodyExt;
+        use kube::client::Body;
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = wp(&[&["read"]]);
+        let mut wp_json = serde_json::to_value(&v1).unwrap();
+        wp_json["metadata"]["resourceVersion"] = json!("3");
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (reported_tx, reported_rx) = tokio::sync::oneshot::channel::<Value>();
+        let server = tokio::spawn(async move {
+            let mut pending_watches = Vec::new();
+            let mut reported = Some(reported_tx);
+            while let Some((req, send)) = handle.next_request().await {
+                let path = req.uri().path().to_string();
+                let query = req.uri().query().unwrap_or_default().to_string();
+                let method = req.method().clone();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let reply = |status: StatusCode, v: Value| {
+                    Response::builder()
+                        .status(status)
+                        .body(Body::from(serde_json::to_vec(&v).unwrap()))
+                        .unwrap()
+                };
+                if query.contains("watch=true") {
+                    pending_watches.push(send);
+                    continue;
+                }
+                match (method.as_str(), path.as_str()) {
+                    ("GET", "/apis/tether.dev/v1alpha1/workloadprofiles") => send.send_response(reply(
+                        StatusCode::OK,
+                        json!({"apiVersion": "tether.dev/v1alpha1", "kind": "WorkloadProfileList",
+                               "metadata": {"resourceVersion": "10"}, "items": [wp_json.clone()]}),
+                    )),
+                    ("GET", "/api/v1/pods") => {
+                        assert!(query.contains("fieldSelector=spec.nodeName%3Dnode-a"), "{query}");
+                        send.send_response(reply(
+                            StatusCode::OK,
+                            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "11"}, "items": []}),
+                        ))
+                    }
+                    ("GET", "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations/node-a") => send
+                        .send_response(reply(
+                            StatusCode::NOT_FOUND,
+                            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                   "reason": "NotFound", "code": 404}),
+                        )),
+                    ("POST", "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations") => {
+                        let sent: Value = serde_json::from_slice(&body).unwrap();
+                        assert_eq!(sent["spec"]["nodeName"], "node-a");
+                        send.send_response(reply(StatusCode::CREATED, sent))
+                    }
+                    (
+                        "PATCH",
+                        "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations/node-a/status",
+                    ) => {
+                        let sent: Value = serde_json::from_slice(&body).unwrap();
+                        send.send_response(reply(StatusCode::OK, json!({})));
+                        if let Some(tx) = reported.take() {
+                            let _ = tx.send(sent);
+                        }
+                    }
+                    _ => panic!("unexpected call {method} {path}?{query}"),
+                }
+            }
+        });
+        let client = kube::Client::new(service, "default");
+        let opts = InstallOptions {
+            node_name: "node-a".into(),
+            kubelet_root: dir.path().to_path_buf(),
+            namespace: "tether-system".into(),
+            grace: Duration::from_secs(600),
+            plan: PlanOptions::default(),
+            heartbeat: Duration::from_secs(30),
+            metrics_listen: None,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(run(client, opts, async move {
+            let _ = stop_rx.await;
+        }));
+        let sent = tokio::time::timeout(Duration::from_secs(10), reported_rx)
+            .await
+            .expect("no status report within 10 s")
+            .unwrap();
+        let key: WorkloadKey = "prod/deployment/api/app".parse().unwrap();
+        let profile: SeccompProfile = serde_json::from_value(v1.spec.versions[0].profile.clone()).unwrap();
+        let want: Vec<String> = profile_store::store::node_files(&key, &profile)
+            .iter()
+            .map(|f| f.localhost_profile.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(sent["status"]["installed"], json!(want));
+        assert_eq!(sent["status"]["ready"], true);
+        for path in &want {
+            assert!(dir.path().join("seccomp").join(path).is_file(), "{path} not written");
+        }
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("the installer did not stop")
+            .unwrap()
+            .unwrap();
+        drop(server);
     }
 }
