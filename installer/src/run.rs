@@ -11,10 +11,11 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use profile_store::crd::{ProfileInstallationStatus, WorkloadProfile};
+use profile_store::store::NodeFile;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -130,6 +131,17 @@ pub struct Installer {
     plan: PlanOptions,
     gc: Gc,
     verified: Verified,
+    /// Each object's planned files and problems, by `namespace/name`, with the
+    /// resourceVersion they were planned from: a pass re-plans (parses and
+    /// hashes the inline profiles of) only objects that changed.
+    planned: HashMap<String, Planned>,
+}
+
+#[derive(Debug)]
+struct Planned {
+    resource_version: String,
+    files: Vec<NodeFile>,
+    problems: Vec<String>,
 }
 
 impl Installer {
@@ -140,7 +152,44 @@ impl Installer {
             plan,
             gc: Gc::new(grace),
             verified: Verified::default(),
+            planned: HashMap::new(),
         }
+    }
+
+    /// The files `profiles` need, by `localhostProfile`; problems are appended to
+    /// `problems`.
+    fn plan_of<'a>(
+        &mut self,
+        profiles: impl IntoIterator<Item = &'a WorkloadProfile>,
+        problems: &mut Vec<String>,
+    ) -> BTreeMap<String, NodeFile> {
+        let mut seen = HashMap::new();
+        let mut files = BTreeMap::new();
+        for wp in profiles {
+            let id = wp.display_name();
+            let rv = wp.metadata.resource_version.clone();
+            let planned = match (self.planned.remove(&id), rv) {
+                (Some(p), Some(rv)) if p.resource_version == rv => p,
+                (_, rv) => {
+                    let d = desired([wp], self.plan);
+                    Planned {
+                        // Objects without one (tests) are planned on every pass.
+                        resource_version: rv.unwrap_or_default(),
+                        files: d.files.into_values().collect(),
+                        problems: d.problems.iter().map(|p| p.to_string()).collect(),
+                    }
+                }
+            };
+            for f in &planned.files {
+                files.insert(f.localhost_profile.clone(), f.clone());
+            }
+            problems.extend(planned.problems.iter().cloned());
+            if !planned.resource_version.is_empty() {
+                seen.insert(id, planned);
+            }
+        }
+        self.planned = seen;
+        files
     }
 
     /// One pass: write the desired files that are missing, verify what is
@@ -154,8 +203,7 @@ impl Installer {
         now: Instant,
     ) -> Pass {
         let mut pass = Pass::default();
-        let want = desired(profiles, self.plan);
-        pass.problems = want.problems.iter().map(|p| p.to_string()).collect();
+        let want = self.plan_of(profiles, &mut pass.problems);
         // Look first, then write only what is missing: an intact file is never
         // touched, and an altered one is reported by the scan, not rewritten.
         let mut scan = match self.node.scan(&mut self.verified) {
@@ -165,7 +213,7 @@ impl Installer {
                 return pass;
             }
         };
-        for (path, file) in &want.files {
+        for (path, file) in &want {
             if scan.verified.contains(path) || scan.altered.contains(path) {
                 continue;
             }
@@ -182,7 +230,7 @@ impl Installer {
         }
         pass.errors.extend(scan.mismatched);
         let referenced: BTreeSet<String> = pods.into_iter().flat_map(referenced_by).map(str::to_string).collect();
-        let wanted: BTreeSet<String> = want.files.into_keys().collect();
+        let wanted: BTreeSet<String> = want.into_keys().collect();
         let mut installed = scan.verified;
         for path in self.gc.plan(&installed, &wanted, &referenced, now) {
             match self.node.remove(&path) {
@@ -512,6 +560,28 @@ mod tests {
             std::fs::read(dir.path().join("seccomp").join(&first.installed[0])).unwrap(),
             b"{}"
         );
+    }
+
+    /// Objects are re-planned when their resourceVersion moves, and only then.
+    #[test]
+    fn an_object_is_replanned_when_its_resource_version_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut installer = Installer::new(
+            NodeDir::new(dir.path()),
+            PlanOptions::default(),
+            Duration::from_secs(60),
+        );
+        let mut obj = wp(&[&["read"]]);
+        obj.metadata.resource_version = Some("1".into());
+        assert_eq!(installer.reconcile([&obj], [], Instant::now()).written.len(), 2);
+        let mut changed = wp(&[&["read"], &["read", "write"]]);
+        changed.metadata.resource_version = Some("1".into());
+        assert!(
+            installer.reconcile([&changed], [], Instant::now()).written.is_empty(),
+            "same resourceVersion: the cached plan is used"
+        );
+        changed.metadata.resource_version = Some("2".into());
+        assert_eq!(installer.reconcile([&changed], [], Instant::now()).written.len(), 2);
     }
 
     /// The whole loop against a scripted API server: the lists of
