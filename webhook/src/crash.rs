@@ -70,7 +70,8 @@ pub struct SeccompCrash {
 }
 
 /// The containers of `pod` that crashed because of their seccomp profile. Only
-/// containers tether injected count (`tether.dev/profile.<container>`); the
+/// containers tether injected with a version count (`tether.dev/profile.<container>`
+/// holding a version, not a fallback); the
 /// last termination counts as well as the current one, because a container in
 /// CrashLoopBackOff is `waiting` with its SIGSYS death in `lastState`.
 pub fn seccomp_crashes(pod: &Pod) -> Vec<SeccompCrash> {
@@ -88,7 +89,13 @@ pub fn seccomp_crashes(pod: &Pod) -> Vec<SeccompCrash> {
     let mut out = Vec::new();
     for cs in statuses {
         let annotation = format!("{}{}", names::PROFILE_PREFIX, cs.name);
-        let Some(version) = annotations.and_then(|a| a.get(&annotation)) else {
+        // A version, not `fallback:…`: a container already under its fallback
+        // (Unconfined, or a Log-mode profile that kills nothing) did not die of
+        // tether's profile.
+        let Some(version) = annotations
+            .and_then(|a| a.get(&annotation))
+            .filter(|v| v.parse::<profile_store::Version>().is_ok())
+        else {
             continue;
         };
         let Some((cause, what)) = cause_of(cs) else {

@@ -103,6 +103,19 @@ fn seccomp_crashes_of_a_pod(
 }
 
 #[test]
+fn a_container_already_under_its_fallback_is_not_a_seccomp_crash() {
+    let mut p = pod(true, app(terminated(159, None, "Error"), json!({})));
+    for value in ["fallback:Unconfined", "fallback:log:0123456789ab", "fallback:RuntimeDefault"] {
+        p.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("tether.dev/profile.app".into(), value.into());
+        assert!(seccomp_crashes(&p).is_empty(), "{value}");
+    }
+}
+
+#[test]
 fn a_bare_pod_from_generate_name_maps_to_the_key_admission_gave_it() {
     let p: Pod = serde_json::from_value(json!({
         "metadata": {"name": "debug-abcde", "generateName": "debug-", "namespace": "ops",
