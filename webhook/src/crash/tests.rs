@@ -105,7 +105,11 @@ fn seccomp_crashes_of_a_pod(
 #[test]
 fn a_container_already_under_its_fallback_is_not_a_seccomp_crash() {
     let mut p = pod(true, app(terminated(159, None, "Error"), json!({})));
-    for value in ["fallback:Unconfined", "fallback:log:0123456789ab", "fallback:RuntimeDefault"] {
+    for value in [
+        "fallback:Unconfined",
+        "fallback:log:0123456789ab",
+        "fallback:RuntimeDefault",
+    ] {
         p.metadata
             .annotations
             .as_mut()
@@ -399,4 +403,105 @@ async fn the_watcher_future_can_be_spawned() {
         },
     );
     spawnable(&future);
+}
+
+/// Plays the API server for the whole watcher, answering by path: the Lease
+/// (held by `holder`, or absent), the lists of pods (one crashed) and
+/// WorkloadProfiles, and the fallback calls; watches stay pending. Returns the
+/// paths of the write calls made within `window`.
+async fn whole_watcher(holder: Option<&'static str>, window: std::time::Duration) -> Vec<String> {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = writes.clone();
+    let server = tokio::spawn(async move {
+        let mut pending = Vec::new();
+        let pod_json = serde_json::to_value(crashed_pod()).unwrap();
+        while let Some((req, send)) = handle.next_request().await {
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or_default().to_string();
+            let method = req.method().clone();
+            let reply = |status: StatusCode, v: Value| {
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&v).unwrap()))
+                    .unwrap()
+            };
+            if query.contains("watch=true") {
+                pending.push(send);
+                continue;
+            }
+            if method != Method::GET {
+                seen.lock().unwrap().push(format!("{method} {path}"));
+            }
+            let lease_path = "/apis/coordination.k8s.io/v1/namespaces/tether-system/leases/tether-crash-watcher";
+            let response = match (method.as_str(), path.as_str()) {
+                ("GET", p) if p == lease_path => match holder {
+                    None => reply(
+                        StatusCode::NOT_FOUND,
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                                                "status": "Failure", "reason": "NotFound", "code": 404}),
+                    ),
+                    Some(h) => reply(
+                        StatusCode::OK,
+                        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": "tether-crash-watcher", "namespace": "tether-system", "resourceVersion": "1"},
+                        // Renewed "now" on every read: a live holder.
+                        "spec": {"holderIdentity": h, "leaseDurationSeconds": 15,
+                                 "renewTime": k8s_openapi::jiff::Timestamp::now().to_string()}}),
+                    ),
+                },
+                ("POST", "/apis/coordination.k8s.io/v1/namespaces/tether-system/leases") => reply(
+                    StatusCode::CREATED,
+                    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": "tether-crash-watcher", "namespace": "tether-system", "resourceVersion": "2"}}),
+                ),
+                ("GET", "/api/v1/pods") => reply(
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "PodList",
+                    "metadata": {"resourceVersion": "5"}, "items": [pod_json.clone()]}),
+                ),
+                ("GET", "/apis/tether.dev/v1alpha1/workloadprofiles") => reply(
+                    StatusCode::OK,
+                    json!({
+                    "apiVersion": "tether.dev/v1alpha1", "kind": "WorkloadProfileList",
+                    "metadata": {"resourceVersion": "6"}, "items": [crashed_profile(false)]}),
+                ),
+                ("GET", WP) => reply(StatusCode::OK, crashed_profile(false)),
+                ("PATCH", WP_STATUS) => reply(StatusCode::OK, crashed_profile(false)),
+                ("POST", EVENTS) => reply(
+                    StatusCode::CREATED,
+                    json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+                    "metadata": {"name": "e", "namespace": "prod"}, "eventTime": "2026-11-30T23:00:00.000000Z"}),
+                ),
+                _ => panic!("unexpected call {method} {path}?{query}"),
+            };
+            send.send_response(response);
+        }
+    });
+    let client = kube::Client::new(service, "default");
+    let mut lease = crate::lease::LeaseConfig::crash_watcher("tether-system", "webhook-0");
+    lease.retry = std::time::Duration::from_millis(50);
+    let opts = CrashWatcherOptions {
+        lease,
+        metrics: Metrics::default(),
+    };
+    let _ = tokio::time::timeout(window, run_crash_watcher(client, opts)).await;
+    server.abort();
+    let out = writes.lock().unwrap().clone();
+    out
+}
+
+#[tokio::test]
+async fn the_leader_puts_a_crashed_workload_into_fallback() {
+    let writes = whole_watcher(None, std::time::Duration::from_millis(1500)).await;
+    assert!(writes.contains(&format!("PATCH {WP_STATUS}")), "{writes:?}");
+    assert!(writes.contains(&format!("POST {EVENTS}")), "{writes:?}");
+    let patches = writes.iter().filter(|w| w.starts_with("PATCH")).count();
+    assert_eq!(patches, 1, "acted once on the crash: {writes:?}");
+}
+
+#[tokio::test]
+async fn a_follower_does_not_act() {
+    let writes = whole_watcher(Some("webhook-1"), std::time::Duration::from_millis(1500)).await;
+    assert!(writes.is_empty(), "{writes:?}");
 }
