@@ -487,8 +487,7 @@ async fn whole_watcher(holder: Option<&'static str>, window: std::time::Duration
     };
     let _ = tokio::time::timeout(window, run_crash_watcher(client, opts)).await;
     server.abort();
-    let out = writes.lock().unwrap().clone();
-    out
+    writes.lock().unwrap().clone()
 }
 
 #[tokio::test]
