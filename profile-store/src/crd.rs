@@ -352,4 +352,87 @@ mod tests {
         let back: WorkloadProfile = serde_json::from_value(json).unwrap();
         assert_eq!(back.spec, wp.spec);
     }
+
+    fn version(v: &str, status: VersionState) -> ProfileVersion {
+        ProfileVersion {
+            version: v.into(),
+            created: "2026-11-30T00:00:00Z".into(),
+            runtime: "runc@1.1".into(),
+            arch: "x86_64".into(),
+            status,
+            needs_review: vec![],
+            profile: serde_json::json!({}),
+        }
+    }
+
+    /// Versions a (validated), b (validated), c (draft), newest last.
+    #[rstest::rstest]
+    #[case::newest_validated_over_a_newer_draft(None, Some("00000000000b"))]
+    #[case::pinned(Some("00000000000a"), Some("00000000000a"))]
+    #[case::pinned_but_pruned(Some("00000000000f"), None)]
+    fn the_active_version(#[case] pinned: Option<&str>, #[case] want: Option<&str>) {
+        let spec = WorkloadProfileSpec {
+            workload: WorkloadRef {
+                kind: "deployment".into(),
+                name: "api".into(),
+                container: "app".into(),
+            },
+            baseline: BaselineSummary::default(),
+            versions: vec![
+                version("00000000000a", VersionState::Validated),
+                version("00000000000b", VersionState::Validated),
+                version("00000000000c", VersionState::Draft),
+            ],
+            active_version: pinned.map(str::to_string),
+            approvals: vec![],
+        };
+        assert_eq!(spec.active().map(|v| v.version.as_str()), want);
+        let drafts_only = WorkloadProfileSpec {
+            versions: vec![
+                version("00000000000c", VersionState::Draft),
+                version("00000000000d", VersionState::Draft),
+            ],
+            active_version: None,
+            ..spec.clone()
+        };
+        assert_eq!(drafts_only.active().map(|v| v.version.as_str()), Some("00000000000d"));
+    }
+
+    #[test]
+    fn an_inline_profile_is_verified_against_its_version() {
+        let profile: crate::SeccompProfile = serde_json::from_value(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]
+        }))
+        .unwrap();
+        let mut v = version(profile.version().as_str(), VersionState::Draft);
+        v.profile = serde_json::to_value(&profile).unwrap();
+        let mut wp = WorkloadProfile::new(
+            "deployment.api.app",
+            WorkloadProfileSpec {
+                workload: WorkloadRef {
+                    kind: "Deployment".into(),
+                    name: "api".into(),
+                    container: "app".into(),
+                },
+                baseline: BaselineSummary::default(),
+                versions: vec![v.clone()],
+                active_version: None,
+                approvals: vec![],
+            },
+        );
+        wp.metadata.namespace = Some("prod".into());
+        assert_eq!(wp.key().unwrap().to_string(), "prod/deployment/api/app");
+        assert_eq!(WorkloadProfile::object_name(&wp.key().unwrap()), "deployment.api.app");
+        assert_eq!(wp.profile_of(&v).unwrap(), profile);
+        v.profile["syscalls"][0]["names"] = serde_json::json!(["read", "ptrace"]);
+        let err = wp.profile_of(&v).unwrap_err().to_string();
+        assert!(
+            err.contains("prod/deployment.api.app") && err.contains("altered"),
+            "{err}"
+        );
+        v.profile = serde_json::json!({"defaultAction": 3});
+        assert!(matches!(wp.profile_of(&v), Err(CrdError::Profile { .. })));
+    }
 }
