@@ -41,6 +41,15 @@ pub enum NodeError {
         /// What the content hashes to.
         actual: Version,
     },
+    /// A directory on the way to a file is a symlink or not a directory: writing
+    /// or removing through it could reach outside `seccomp/tether/`.
+    #[error(
+        "{path} is a symlink or not a directory; tether writes only into real directories under seccomp/tether/: remove it and the installer recreates the directory"
+    )]
+    NotADirectory {
+        /// The offending path.
+        path: PathBuf,
+    },
     /// A file on the node does not hash to the version in its name: someone
     /// altered it. It is not rewritten (a running container may have been started
     /// with it) and not reported as installed.
@@ -130,6 +139,32 @@ impl NodeDir {
         Ok((self.seccomp.join(localhost), version))
     }
 
+    /// Checks that every existing directory from `tether/` down to `path`'s
+    /// parent is a real directory, not a symlink (which `create_dir_all`, the
+    /// rename and `remove_file` would follow).
+    fn real_dirs(&self, path: &Path) -> Result<(), NodeError> {
+        let root = self.tether_root();
+        let rel = path
+            .parent()
+            .and_then(|p| p.strip_prefix(&root).ok())
+            .unwrap_or(Path::new(""));
+        let mut dir = root.clone();
+        let below = rel.components().map(|c| {
+            dir.push(c);
+            dir.clone()
+        });
+        for d in std::iter::once(root.clone()).chain(below) {
+            match fs::symlink_metadata(&d) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(NodeError::NotADirectory { path: d }),
+                // The rest is created by the write.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_err(&d)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `file` unless it is already there. An existing file is verified,
     /// never rewritten: a mismatch is an error.
     pub fn install(&self, file: &NodeFile) -> Result<Installed, NodeError> {
@@ -141,6 +176,7 @@ impl NodeDir {
                 actual,
             });
         }
+        self.real_dirs(&path)?;
         match fs::symlink_metadata(&path) {
             Ok(_) => {
                 verify(&path, &version)?;
@@ -213,6 +249,7 @@ impl NodeDir {
     /// and the directories it leaves empty, up to `tether/`.
     pub fn remove(&self, localhost: &str) -> Result<(), NodeError> {
         let (path, _) = self.path_of(localhost)?;
+        self.real_dirs(&path)?;
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -350,6 +387,46 @@ mod tests {
         let scan = node.scan(&mut Verified::default()).unwrap();
         assert_eq!(scan.verified, BTreeSet::from([file.localhost_profile.clone()]));
         assert_eq!(scan.ignored, 3);
+    }
+
+    #[test]
+    fn symlinked_directories_are_neither_written_through_nor_removed_through() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let node = NodeDir::new(root.path());
+        let [file, _] = files(&["read"]);
+        // tether/prod -> a directory outside.
+        fs::create_dir_all(node.tether_root()).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), node.tether_root().join("prod")).unwrap();
+        let err = node.install(&file).unwrap_err();
+        assert!(matches!(err, NodeError::NotADirectory { .. }), "{err}");
+        assert_eq!(
+            fs::read_dir(elsewhere.path()).unwrap().count(),
+            0,
+            "written through the symlink"
+        );
+        // A file that happens to be there is not removed through it either.
+        let victim = elsewhere.path().join("deployment/api");
+        fs::create_dir_all(&victim).unwrap();
+        let name = file.localhost_profile.rsplit('/').next().unwrap();
+        fs::write(victim.join(name), &file.bytes).unwrap();
+        assert!(
+            node.scan(&mut Verified::default()).unwrap().verified.is_empty(),
+            "the scan follows no symlink"
+        );
+        assert!(matches!(
+            node.remove(&file.localhost_profile),
+            Err(NodeError::NotADirectory { .. })
+        ));
+        assert!(victim.join(name).exists());
+        // The tether root itself as a symlink.
+        let root2 = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root2.path().join("seccomp")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), root2.path().join("seccomp/tether")).unwrap();
+        assert!(matches!(
+            NodeDir::new(root2.path()).install(&file),
+            Err(NodeError::NotADirectory { .. })
+        ));
     }
 
     #[test]
