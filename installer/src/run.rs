@@ -118,8 +118,11 @@ pub struct Pass {
     pub written: Vec<String>,
     /// Files removed.
     pub removed: Vec<String>,
-    /// Failures of this node (I/O, altered files): the node is not caught up.
+    /// Failures of this node (I/O, altered files).
     pub errors: Vec<NodeError>,
+    /// Whether the tree was read, so that `installed` is what the node holds.
+    /// Without it the pass has nothing true to report.
+    pub scanned: bool,
     /// Versions that cannot be installed anywhere (bad objects), as messages.
     pub problems: Vec<String>,
 }
@@ -207,7 +210,10 @@ impl Installer {
         // Look first, then write only what is missing: an intact file is never
         // touched, and an altered one is reported by the scan, not rewritten.
         let mut scan = match self.node.scan(&mut self.verified) {
-            Ok(s) => s,
+            Ok(s) => {
+                pass.scanned = true;
+                s
+            }
             Err(e) => {
                 pass.errors.push(e);
                 return pass;
@@ -247,10 +253,14 @@ impl Installer {
     }
 }
 
-/// The status a pass reports.
+/// The status a pass reports. `ready` says that `installed` is exactly what the
+/// node holds: a file that could not be written or was altered is left out of
+/// `installed` (so the webhook does not inject it), but does not make the report
+/// untrue. A node reported not ready would be left out of install gating, and
+/// pods could be admitted with versions it lacks.
 pub fn status_of(pass: &Pass, now: jiff::Timestamp) -> ProfileInstallationStatus {
     ProfileInstallationStatus {
-        ready: pass.errors.is_empty(),
+        ready: pass.scanned,
         heartbeat: Some(now.to_string()),
         installed: pass.installed.clone(),
     }
@@ -357,9 +367,16 @@ async fn watch_and_install(
         // nothing else to do meanwhile (the reflectors buffer their events).
         let pass = installer.reconcile(profiles.iter().map(|p| &**p), pods.iter().map(|p| &**p), Instant::now());
         record(&pass, metrics);
+        if !pass.scanned {
+            // Nothing true to report: the last report stands until its heartbeat
+            // goes stale.
+            ready.store(false, Ordering::Relaxed);
+            continue;
+        }
         let status = status_of(&pass, jiff::Timestamp::now());
         match reporter.report(&status).await {
-            Ok(()) => ready.store(status.ready, Ordering::Relaxed),
+            // The pod is ready (rollouts go on) only when every file is fine.
+            Ok(()) => ready.store(pass.errors.is_empty(), Ordering::Relaxed),
             Err(e) => {
                 metrics.errors.inc();
                 ready.store(false, Ordering::Relaxed);
@@ -545,7 +562,7 @@ mod tests {
     }
 
     #[test]
-    fn an_altered_file_makes_the_node_not_ready_and_is_not_reported() {
+    fn an_altered_file_is_an_error_and_left_out_of_an_otherwise_true_report() {
         let dir = tempfile::tempdir().unwrap();
         let mut installer = Installer::new(NodeDir::new(dir.path()), PlanOptions::default(), Duration::ZERO);
         let v1 = wp(&[&["read"]]);
@@ -555,11 +572,25 @@ mod tests {
         assert_eq!(second.errors.len(), 1, "{:?}", second.errors);
         assert_eq!(second.installed.len(), 1);
         assert!(!second.installed.contains(&first.installed[0]));
-        assert!(!status_of(&second, jiff::Timestamp::now()).ready);
+        let status = status_of(&second, jiff::Timestamp::now());
+        assert!(status.ready, "the report is true: the altered file is not listed");
+        assert_eq!(status.installed, second.installed);
         assert_eq!(
             std::fs::read(dir.path().join("seccomp").join(&first.installed[0])).unwrap(),
             b"{}"
         );
+    }
+
+    #[test]
+    fn an_unreadable_tree_gives_no_report() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("seccomp")).unwrap();
+        std::fs::write(dir.path().join("seccomp/tether"), b"not a directory").unwrap();
+        let mut installer = Installer::new(NodeDir::new(dir.path()), PlanOptions::default(), Duration::ZERO);
+        let pass = installer.reconcile([&wp(&[&["read"]])], [], Instant::now());
+        assert!(!pass.scanned);
+        assert!(!pass.errors.is_empty());
+        assert!(pass.installed.is_empty());
     }
 
     /// Objects are re-planned when their resourceVersion moves, and only then.
