@@ -406,7 +406,7 @@ async fn watch(
     let mut pod_events = std::pin::pin!(
         reflector(
             pods_writer,
-            watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+            watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(slim)
         )
         .default_backoff()
     );
@@ -460,6 +460,31 @@ async fn watch(
                 Some(Err(e)) => tracing::warn!(error = %e, "WorkloadProfile watch error; retrying"),
                 None => return Err(CrashError::WatchEnded("WorkloadProfile")),
             },
+        }
+    }
+}
+
+/// Keeps of a pod only what [`seccomp_crashes`] reads (identity, labels,
+/// owners, tether's annotations, container statuses): the watcher caches every
+/// pod of the cluster, and specs and managed fields are most of a pod's size.
+pub fn slim(pod: &mut Pod) {
+    pod.spec = None;
+    pod.metadata.managed_fields = None;
+    if let Some(a) = pod.metadata.annotations.as_mut() {
+        a.retain(|k, _| k.starts_with("tether.dev/"));
+    }
+    if let Some(status) = pod.status.as_mut() {
+        status.conditions = None;
+        status.ephemeral_container_statuses = None;
+        for cs in status
+            .init_container_statuses
+            .iter_mut()
+            .flatten()
+            .chain(status.container_statuses.iter_mut().flatten())
+        {
+            cs.volume_mounts = None;
+            cs.resources = None;
+            cs.allocated_resources = None;
         }
     }
 }

@@ -119,6 +119,23 @@ fn a_container_already_under_its_fallback_is_not_a_seccomp_crash() {
     }
 }
 
+/// The watcher caches slimmed pods: slimming must keep every field the decision reads.
+#[test]
+fn a_slimmed_pod_gives_the_same_decision() {
+    let mut p = crashed_pod();
+    p.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("kubectl.kubernetes.io/last-applied-configuration".into(), "{}".into());
+    let before = seccomp_crashes(&p);
+    assert_eq!(before.len(), 1);
+    slim(&mut p);
+    assert!(p.spec.is_none());
+    assert_eq!(p.metadata.annotations.as_ref().unwrap().len(), 1);
+    assert_eq!(seccomp_crashes(&p), before);
+}
+
 #[test]
 fn a_bare_pod_from_generate_name_maps_to_the_key_admission_gave_it() {
     let p: Pod = serde_json::from_value(json!({
