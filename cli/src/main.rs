@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod certs;
 mod demo;
+mod install;
 mod profiles;
 mod serve;
 mod table;
@@ -60,6 +61,10 @@ enum Command {
     /// configurations.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Run the node installer (a DaemonSet): write every active or recent profile
+    /// version under <kubelet-root>/seccomp/tether/, remove versions no pod on the
+    /// node uses, and report them in the node's ProfileInstallation.
+    Install(install::InstallArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes store (generated from
     /// the Rust types), or write them into `--out DIR` (deploy/base/crds).
     Crds(CrdsArgs),
@@ -219,6 +224,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => validate::run(args),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Crds(args) => crds(args).map(|()| ExitCode::SUCCESS),
+        Command::Install(args) => install::run(args).map(|()| ExitCode::SUCCESS),
         Command::ExecConfined(args) => Ok(validate::exec_confined(args)),
     };
     match result {

@@ -159,6 +159,111 @@ pub enum VersionState {
     Validated,
 }
 
+/// Why a `WorkloadProfile` cannot be used as it stands.
+#[derive(Debug, thiserror::Error)]
+pub enum CrdError {
+    /// The object's namespace or `spec.workload` is not a valid workload key.
+    #[error("WorkloadProfile {object}: spec.workload is not a valid workload key ({source}); fix or delete the object")]
+    Key {
+        /// The object, as `namespace/name`.
+        object: String,
+        /// What is wrong.
+        source: crate::key::KeyError,
+    },
+    /// A version's inline profile is not a seccomp profile.
+    #[error(
+        "WorkloadProfile {object}: version {version}: spec.versions[].profile is not a seccomp profile ({source}); re-render it with `tether build`"
+    )]
+    Profile {
+        /// The object, as `namespace/name`.
+        object: String,
+        /// The version.
+        version: String,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// A version's inline profile does not hash to its version: it was edited.
+    #[error(
+        "WorkloadProfile {object}: version {version} holds a profile that hashes to {actual}: it was altered; re-render it with `tether build`"
+    )]
+    Mismatch {
+        /// The object, as `namespace/name`.
+        object: String,
+        /// The version named.
+        version: String,
+        /// The version its content hashes to.
+        actual: crate::Version,
+    },
+}
+
+impl WorkloadProfile {
+    /// The object name of `key`'s profile: `<kind>.<name>.<container>`.
+    pub fn object_name(key: &crate::WorkloadKey) -> String {
+        format!("{}.{}.{}", key.kind(), key.name(), key.container())
+    }
+
+    /// `namespace/name`, for messages.
+    pub fn display_name(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            self.metadata.name.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// The workload key the object is for (the namespace is the object's), validated.
+    pub fn key(&self) -> Result<crate::WorkloadKey, CrdError> {
+        let w = &self.spec.workload;
+        crate::WorkloadKey::new(
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            &w.kind,
+            &w.name,
+            &w.container,
+        )
+        .map_err(|source| CrdError::Key {
+            object: self.display_name(),
+            source,
+        })
+    }
+
+    /// The seccomp profile `version` holds, verified against its version (the
+    /// canonical JSON must hash to it, as a version file on a node must).
+    pub fn profile_of(&self, version: &ProfileVersion) -> Result<crate::SeccompProfile, CrdError> {
+        let profile: crate::SeccompProfile =
+            serde_json::from_value(version.profile.clone()).map_err(|source| CrdError::Profile {
+                object: self.display_name(),
+                version: version.version.clone(),
+                source,
+            })?;
+        let actual = profile.version();
+        if actual.as_str() != version.version {
+            return Err(CrdError::Mismatch {
+                object: self.display_name(),
+                version: version.version.clone(),
+                actual,
+            });
+        }
+        Ok(profile)
+    }
+}
+
+impl WorkloadProfileSpec {
+    /// The active version: the pinned one (`activeVersion`), else the newest
+    /// validated one, else the newest. `None` when nothing was rendered, or the
+    /// pinned version is no longer kept (admission then has nothing to inject).
+    pub fn active(&self) -> Option<&ProfileVersion> {
+        match &self.active_version {
+            Some(pinned) => self.versions.iter().find(|v| &v.version == pinned),
+            None => self
+                .versions
+                .iter()
+                .rev()
+                .find(|v| v.status == VersionState::Validated)
+                .or_else(|| self.versions.last()),
+        }
+    }
+}
+
 /// What the crash watcher and `tether profiles fallback` write.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -290,5 +395,88 @@ mod tests {
         assert_eq!(json["spec"]["workload"]["container"], "app");
         let back: WorkloadProfile = serde_json::from_value(json).unwrap();
         assert_eq!(back.spec, wp.spec);
+    }
+
+    fn version(v: &str, status: VersionState) -> ProfileVersion {
+        ProfileVersion {
+            version: v.into(),
+            created: "2026-11-30T00:00:00Z".into(),
+            runtime: "runc@1.1".into(),
+            arch: "x86_64".into(),
+            status,
+            needs_review: vec![],
+            profile: serde_json::json!({}),
+        }
+    }
+
+    /// Versions a (validated), b (validated), c (draft), newest last.
+    #[rstest::rstest]
+    #[case::newest_validated_over_a_newer_draft(None, Some("00000000000b"))]
+    #[case::pinned(Some("00000000000a"), Some("00000000000a"))]
+    #[case::pinned_but_pruned(Some("00000000000f"), None)]
+    fn the_active_version(#[case] pinned: Option<&str>, #[case] want: Option<&str>) {
+        let spec = WorkloadProfileSpec {
+            workload: WorkloadRef {
+                kind: "deployment".into(),
+                name: "api".into(),
+                container: "app".into(),
+            },
+            baseline: BaselineSummary::default(),
+            versions: vec![
+                version("00000000000a", VersionState::Validated),
+                version("00000000000b", VersionState::Validated),
+                version("00000000000c", VersionState::Draft),
+            ],
+            active_version: pinned.map(str::to_string),
+            approvals: vec![],
+        };
+        assert_eq!(spec.active().map(|v| v.version.as_str()), want);
+        let drafts_only = WorkloadProfileSpec {
+            versions: vec![
+                version("00000000000c", VersionState::Draft),
+                version("00000000000d", VersionState::Draft),
+            ],
+            active_version: None,
+            ..spec.clone()
+        };
+        assert_eq!(drafts_only.active().map(|v| v.version.as_str()), Some("00000000000d"));
+    }
+
+    #[test]
+    fn an_inline_profile_is_verified_against_its_version() {
+        let profile: crate::SeccompProfile = serde_json::from_value(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]
+        }))
+        .unwrap();
+        let mut v = version(profile.version().as_str(), VersionState::Draft);
+        v.profile = serde_json::to_value(&profile).unwrap();
+        let mut wp = WorkloadProfile::new(
+            "deployment.api.app",
+            WorkloadProfileSpec {
+                workload: WorkloadRef {
+                    kind: "Deployment".into(),
+                    name: "api".into(),
+                    container: "app".into(),
+                },
+                baseline: BaselineSummary::default(),
+                versions: vec![v.clone()],
+                active_version: None,
+                approvals: vec![],
+            },
+        );
+        wp.metadata.namespace = Some("prod".into());
+        assert_eq!(wp.key().unwrap().to_string(), "prod/deployment/api/app");
+        assert_eq!(WorkloadProfile::object_name(&wp.key().unwrap()), "deployment.api.app");
+        assert_eq!(wp.profile_of(&v).unwrap(), profile);
+        v.profile["syscalls"][0]["names"] = serde_json::json!(["read", "ptrace"]);
+        let err = wp.profile_of(&v).unwrap_err().to_string();
+        assert!(
+            err.contains("prod/deployment.api.app") && err.contains("altered"),
+            "{err}"
+        );
+        v.profile = serde_json::json!({"defaultAction": 3});
+        assert!(matches!(wp.profile_of(&v), Err(CrdError::Profile { .. })));
     }
 }

@@ -644,6 +644,35 @@ pub fn localhost_profile(key: &WorkloadKey, version: &Version) -> String {
     )
 }
 
+/// One file a node holds for a version: its `localhostProfile` (the path under
+/// the kubelet's seccomp root), its version and its canonical bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFile {
+    /// `tether/<namespace>/<kind>/<name>/<container>-<version>.json`.
+    pub localhost_profile: String,
+    /// The version the bytes hash to.
+    pub version: Version,
+    /// The canonical profile JSON.
+    pub bytes: Vec<u8>,
+}
+
+/// The files a node needs so that every pod of `key` admitted with `profile` can
+/// start: the profile itself and its Log-mode variant (what a workload in
+/// fallback gets where Pod Security forbids `Unconfined`). The webhook injects
+/// exactly these `localhostProfile` paths.
+pub fn node_files(key: &WorkloadKey, profile: &SeccompProfile) -> [NodeFile; 2] {
+    let file = |p: &SeccompProfile| {
+        let bytes = p.canonical_json();
+        let version = Version::of(&bytes);
+        NodeFile {
+            localhost_profile: localhost_profile(key, &version),
+            version,
+            bytes,
+        }
+    };
+    [file(profile), file(&profile.log_variant())]
+}
+
 /// The key and version a `localhostProfile` under `tether/` names; `None` for a
 /// path that [`localhost_profile`] could not have produced (including any `..`).
 pub fn parse_localhost_profile(path: &str) -> Option<(WorkloadKey, Version)> {

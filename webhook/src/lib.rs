@@ -6,10 +6,12 @@
 //! the in-memory [`index`] (fed by the store directory, or by the API server through
 //! [`kube_index`], gated by [`gate`]), never the disk or the network.
 
+pub mod crash;
 pub mod decide;
 pub mod gate;
 pub mod index;
 pub mod kube_index;
+pub mod lease;
 pub mod metrics;
 pub mod patch;
 pub mod policy;
