@@ -197,9 +197,23 @@ pub enum CrdError {
 }
 
 impl WorkloadProfile {
-    /// The object name of `key`'s profile: `<kind>.<name>.<container>`.
+    /// The object name of `key`'s profile: `<kind>.<name>.<container>`. Kind and
+    /// container have no dots, so the first and the last dot split the name
+    /// unambiguously even when the workload's name has dots
+    /// ([`WorkloadProfile::key_of_name`]).
     pub fn object_name(key: &crate::WorkloadKey) -> String {
         format!("{}.{}.{}", key.kind(), key.name(), key.container())
+    }
+
+    /// The key a `WorkloadProfile` named `name` in `namespace` belongs to, read
+    /// from the name alone (a metadata-only list has no spec); `None` for a name
+    /// [`WorkloadProfile::object_name`] could not have produced.
+    pub fn key_of_name(namespace: &str, name: &str) -> Option<crate::WorkloadKey> {
+        let (kind, rest) = name.split_once('.')?;
+        let (workload, container) = rest.rsplit_once('.')?;
+        crate::WorkloadKey::new(namespace, kind, workload, container)
+            .ok()
+            .filter(|k| k.kind() == kind)
     }
 
     /// `namespace/name`, for messages.
@@ -248,19 +262,19 @@ impl WorkloadProfile {
 }
 
 impl WorkloadProfileSpec {
-    /// The active version: the pinned one (`activeVersion`), else the newest
-    /// validated one, else the newest. `None` when nothing was rendered, or the
-    /// pinned version is no longer kept (admission then has nothing to inject).
+    /// The position in `versions` of the active version: the pinned one
+    /// (`activeVersion`), else the newest; the same rule as the FsStore's
+    /// ([`active_position`](crate::store::active_position)). `None` when nothing
+    /// was rendered, or the pinned version is no longer kept (admission then has
+    /// nothing to inject).
+    pub fn active_position(&self) -> Option<usize> {
+        let pinned = self.active_version.as_deref();
+        crate::store::active_position(&self.versions, pinned.map(|p| move |v: &ProfileVersion| v.version == p))
+    }
+
+    /// The active version (see [`WorkloadProfileSpec::active_position`]).
     pub fn active(&self) -> Option<&ProfileVersion> {
-        match &self.active_version {
-            Some(pinned) => self.versions.iter().find(|v| &v.version == pinned),
-            None => self
-                .versions
-                .iter()
-                .rev()
-                .find(|v| v.status == VersionState::Validated)
-                .or_else(|| self.versions.last()),
-        }
+        self.active_position().map(|i| &self.versions[i])
     }
 }
 
@@ -409,12 +423,19 @@ mod tests {
         }
     }
 
-    /// Versions a (validated), b (validated), c (draft), newest last.
+    /// Versions a (validated), b (validated), c (draft), newest last: the pinned
+    /// one, else the newest, Draft or not (the FsStore's rule).
     #[rstest::rstest]
-    #[case::newest_validated_over_a_newer_draft(None, Some("00000000000b"))]
-    #[case::pinned(Some("00000000000a"), Some("00000000000a"))]
-    #[case::pinned_but_pruned(Some("00000000000f"), None)]
-    fn the_active_version(#[case] pinned: Option<&str>, #[case] want: Option<&str>) {
+    #[case::newest_even_a_draft(&["00000000000a", "00000000000b", "00000000000c"], None, Some("00000000000c"))]
+    #[case::pinned(&["00000000000a", "00000000000b", "00000000000c"], Some("00000000000a"), Some("00000000000a"))]
+    #[case::pinned_but_pruned(&["00000000000a", "00000000000b", "00000000000c"], Some("00000000000f"), None)]
+    #[case::no_versions(&[], None, None)]
+    fn the_active_version_is_the_pinned_else_the_newest(
+        #[case] versions: &[&str],
+        #[case] pinned: Option<&str>,
+        #[case] want: Option<&str>,
+    ) {
+        let states = [VersionState::Validated, VersionState::Validated, VersionState::Draft];
         let spec = WorkloadProfileSpec {
             workload: WorkloadRef {
                 kind: "deployment".into(),
@@ -422,24 +443,12 @@ mod tests {
                 container: "app".into(),
             },
             baseline: BaselineSummary::default(),
-            versions: vec![
-                version("00000000000a", VersionState::Validated),
-                version("00000000000b", VersionState::Validated),
-                version("00000000000c", VersionState::Draft),
-            ],
+            versions: versions.iter().zip(states).map(|(v, s)| version(v, s)).collect(),
             active_version: pinned.map(str::to_string),
             approvals: vec![],
         };
         assert_eq!(spec.active().map(|v| v.version.as_str()), want);
-        let drafts_only = WorkloadProfileSpec {
-            versions: vec![
-                version("00000000000c", VersionState::Draft),
-                version("00000000000d", VersionState::Draft),
-            ],
-            active_version: None,
-            ..spec.clone()
-        };
-        assert_eq!(drafts_only.active().map(|v| v.version.as_str()), Some("00000000000d"));
+        assert_eq!(spec.active_position().map(|i| spec.versions[i].version.as_str()), want);
     }
 
     #[test]

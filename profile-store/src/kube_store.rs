@@ -40,11 +40,10 @@ pub const DEFAULT_KEEP: usize = 10;
 /// Conflict`: more than that means something rewrites the object in a loop.
 pub const DEFAULT_ATTEMPTS: usize = 5;
 
-/// The name of `key`'s `WorkloadProfile`: `<kind>.<name>.<container>`. Kind and
-/// container have no dots, so the first and the last dot split the name
-/// unambiguously even when the workload's name has dots.
+/// The name of `key`'s `WorkloadProfile` ([`WorkloadProfile::object_name`]),
+/// refused when it is longer than an object name may be.
 pub fn object_name(key: &WorkloadKey) -> Result<String, StoreError> {
-    let name = format!("{}.{}.{}", key.kind(), key.name(), key.container());
+    let name = WorkloadProfile::object_name(key);
     // Object names are DNS-1123 subdomains: 253 characters at most.
     if name.len() > 253 {
         return Err(StoreError::ObjectName {
@@ -53,16 +52,6 @@ pub fn object_name(key: &WorkloadKey) -> Result<String, StoreError> {
         });
     }
     Ok(name)
-}
-
-/// The key a `WorkloadProfile` named `name` in `namespace` belongs to; `None` for
-/// a name [`object_name`] could not have produced.
-pub fn key_of_object(namespace: &str, name: &str) -> Option<WorkloadKey> {
-    let (kind, rest) = name.split_once('.')?;
-    let (workload, container) = rest.rsplit_once('.')?;
-    WorkloadKey::new(namespace, kind, workload, container)
-        .ok()
-        .filter(|k| k.kind() == kind)
 }
 
 /// `workloadprofile <namespace>/<name>`: how errors name the object.
@@ -680,7 +669,7 @@ impl ProfileStore for KubeStore {
     fn keys(&self) -> Result<Vec<WorkloadKey>, StoreError> {
         let mut keys = Vec::new();
         for (namespace, name, _) in self.list_all()? {
-            match key_of_object(&namespace, &name) {
+            match WorkloadProfile::key_of_name(&namespace, &name) {
                 Some(key) => keys.push(key),
                 None => tracing::warn!(
                     object = %format!("{namespace}/{name}"),
@@ -1475,7 +1464,7 @@ mod tests {
         let k: WorkloadKey = "shop/statefulset/db.v2/main".parse().unwrap();
         let name = object_name(&k).unwrap();
         assert_eq!(name, "statefulset.db.v2.main");
-        assert_eq!(key_of_object("shop", &name), Some(k));
+        assert_eq!(WorkloadProfile::key_of_name("shop", &name), Some(k));
         for bad in [
             "nodots",
             "deployment.app",
@@ -1483,7 +1472,7 @@ mod tests {
             "deployment..c",
             ".app.c",
         ] {
-            assert_eq!(key_of_object("shop", bad), None, "{bad}");
+            assert_eq!(WorkloadProfile::key_of_name("shop", bad), None, "{bad}");
         }
         let long = WorkloadKey::new("shop", "deployment", &format!("{0}.{0}.{0}.{0}", "a".repeat(60)), "c").unwrap();
         assert!(matches!(object_name(&long), Err(StoreError::ObjectName { .. })));
@@ -1625,10 +1614,16 @@ mod tests {
 
     proptest! {
         /// Record -> object -> (JSON, as the API server stores it) -> record is the
-        /// identity, for every field.
+        /// identity, for every field; and the object's active version (what the
+        /// webhook and the installer read) is the record's (what `profiles list`
+        /// shows), Draft or Validated, pinned or not.
         #[test]
         fn records_round_trip_through_workload_profiles((record, profiles) in record_strategy()) {
             let mut wp = WorkloadProfile::new("deployment.checkout.app", spec_from_record(&record, &profiles).unwrap());
+            prop_assert_eq!(
+                wp.spec.active().map(|v| v.version.clone()),
+                record.active().map(|m| m.version.to_string())
+            );
             wp.status = Some(WorkloadProfileStatus {
                 fallback: record.state.fallback.as_ref().map(fallback_state),
                 observed_generation: None,

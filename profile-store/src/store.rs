@@ -279,12 +279,14 @@ impl WorkloadRecord {
         &self.baseline.key
     }
 
-    /// The active version: the pinned one, else the newest.
+    /// The active version: the pinned one, else the newest (see [`active_position`]).
     pub fn active(&self) -> Option<&VersionMeta> {
-        match &self.state.pinned {
-            Some(p) => self.state.versions.iter().find(|v| &v.version == p),
-            None => self.state.versions.last(),
-        }
+        let pinned = self.state.pinned.as_ref();
+        active_position(
+            &self.state.versions,
+            pinned.map(|p| move |v: &VersionMeta| &v.version == p),
+        )
+        .map(|i| &self.state.versions[i])
     }
 
     /// The newest version.
@@ -295,6 +297,23 @@ impl WorkloadRecord {
     /// Metadata of `version`.
     pub fn version(&self, version: &Version) -> Option<&VersionMeta> {
         self.state.versions.iter().find(|v| &v.version == version)
+    }
+}
+
+/// Which of `versions` (oldest first) is active: the pinned one, else the newest.
+/// `is_pinned` picks the pinned version out, `None` when nothing is pinned.
+///
+/// The one rule for every store and reader: [`WorkloadRecord::active`] (FsStore,
+/// KubeStore) and `WorkloadProfileSpec::active` (the webhook's Kubernetes index,
+/// the node installer, the crash watcher) both come here, so a pod is injected the
+/// version `tether profiles list` shows as active whichever store is used. A
+/// newer Draft is active too: validation is a step an operator runs, not a gate
+/// admission applies. `None` when there are no versions, or the pin names a
+/// version no longer kept (nothing is injected rather than a version nobody chose).
+pub fn active_position<T>(versions: &[T], is_pinned: Option<impl Fn(&T) -> bool>) -> Option<usize> {
+    match is_pinned {
+        Some(pinned) => versions.iter().position(pinned),
+        None => versions.len().checked_sub(1),
     }
 }
 

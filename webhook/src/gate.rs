@@ -7,7 +7,7 @@
 //! installed. Pure functions; the Kubernetes-fed index calls them on every
 //! rebuild, never per request.
 
-use profile_store::crd::{ProfileInstallation, VersionState, WorkloadProfileSpec};
+use profile_store::crd::ProfileInstallation;
 use profile_store::store::localhost_profile;
 use profile_store::{Version, WorkloadKey};
 use serde::{Deserialize, Serialize};
@@ -112,20 +112,6 @@ pub fn installed_everywhere<'a>(ready: impl IntoIterator<Item = &'a ProfileInsta
         .collect()
 }
 
-/// The active version of a profile: the pinned one (`activeVersion`), else the
-/// newest Validated, else the newest. `None` when the pin names a version the
-/// profile no longer lists (nothing is injected rather than a version nobody chose).
-pub fn active_position(spec: &WorkloadProfileSpec) -> Option<usize> {
-    match &spec.active_version {
-        Some(pinned) => spec.versions.iter().position(|v| &v.version == pinned),
-        None => spec
-            .versions
-            .iter()
-            .rposition(|v| v.status == VersionState::Validated)
-            .or_else(|| spec.versions.len().checked_sub(1)),
-    }
-}
-
 /// The newest of `candidates` (oldest first, the active one last) whose file is
 /// installed everywhere: the active one when it is, else the newest older one, else
 /// none (the caller applies on-missing).
@@ -174,7 +160,7 @@ pub fn gate(key: &WorkloadKey, versions: &[(Version, Version)], active: Option<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use profile_store::crd::{ProfileInstallationSpec, ProfileInstallationStatus, ProfileVersion, WorkloadRef};
+    use profile_store::crd::{ProfileInstallationSpec, ProfileInstallationStatus};
     use rstest::rstest;
 
     fn key() -> WorkloadKey {
@@ -299,47 +285,5 @@ mod tests {
             .collect();
         let got = installed_everywhere(&installations);
         assert_eq!(got, want.iter().map(|s| s.to_string()).collect());
-    }
-
-    fn spec(states: &[VersionState], pinned: Option<&str>) -> WorkloadProfileSpec {
-        WorkloadProfileSpec {
-            workload: WorkloadRef {
-                kind: "deployment".into(),
-                name: "api".into(),
-                container: "app".into(),
-            },
-            baseline: Default::default(),
-            versions: states
-                .iter()
-                .zip(["a", "b", "c"])
-                .map(|(s, c)| ProfileVersion {
-                    version: v(c, false).to_string(),
-                    created: NOW.into(),
-                    runtime: "runc-1.1".into(),
-                    arch: "x86_64".into(),
-                    status: *s,
-                    needs_review: vec![],
-                    profile: serde_json::Value::Null,
-                })
-                .collect(),
-            active_version: pinned.map(|c| v(c, false).to_string()),
-            approvals: vec![],
-        }
-    }
-
-    use VersionState::{Draft, Validated};
-
-    #[rstest]
-    #[case::newest_validated(&[Validated, Validated, Draft], None, Some(1))]
-    #[case::newest_when_none_validated(&[Draft, Draft], None, Some(1))]
-    #[case::pinned(&[Validated, Validated, Validated], Some("a"), Some(0))]
-    #[case::pinned_to_a_pruned_version(&[Validated], Some("c"), None)]
-    #[case::no_versions(&[], None, None)]
-    fn the_active_version_is_the_pinned_else_newest_validated_else_newest(
-        #[case] states: &[VersionState],
-        #[case] pinned: Option<&str>,
-        #[case] want: Option<usize>,
-    ) {
-        assert_eq!(active_position(&spec(states, pinned)), want);
     }
 }

@@ -2,7 +2,7 @@
 //! state. Built from the store off the request path and swapped whole, so admission
 //! never touches disk or network.
 
-use profile_store::store::WorkloadRecord;
+use profile_store::store::{WorkloadRecord, node_files};
 use profile_store::{ProfileStore, StoreError, Version, WorkloadKey};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -137,7 +137,12 @@ impl Index {
         let active = record.active().map(|m| m.version.clone());
         let log_variant = match (&active, previous) {
             (Some(a), Some(p)) if p.active.as_ref() == Some(a) => p.log_variant.clone(),
-            (Some(a), _) => Some(log_variant_version(&store.profile(key, a)?)),
+            // The installer's second file for the version: the webhook references
+            // exactly the files the nodes get.
+            (Some(a), _) => {
+                let [_, log] = node_files(key, &store.profile(key, a)?);
+                Some(log.version)
+            }
             (None, _) => None,
         };
         let mut known: HashSet<Version> = record.state.versions.iter().map(|v| v.version.clone()).collect();
@@ -149,13 +154,6 @@ impl Index {
             known,
         })
     }
-}
-
-/// The version of the Log-mode variant of `profile`: the file the fallback
-/// references where Pod Security forbids Unconfined. Every index source derives
-/// variants through here, so the webhook and the node installer agree on names.
-pub fn log_variant_version(profile: &profile_store::SeccompProfile) -> Version {
-    profile.log_variant().version()
 }
 
 /// The index in service, swapped atomically when the store changes.

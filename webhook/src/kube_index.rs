@@ -12,7 +12,7 @@
 //! shows in `/readyz` until the watch recovers.
 
 use crate::gate::{self, InstallGate, Installed};
-use crate::index::{Entry, Index, SharedIndex, log_variant_version};
+use crate::index::{Entry, Index, SharedIndex};
 use crate::metrics::Metrics;
 use crate::policy::LiveNamespaces;
 use futures_util::{Stream, StreamExt, TryStreamExt};
@@ -21,9 +21,9 @@ use kube::api::{Api, ResourceExt};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use profile_store::crd::{ProfileInstallation, ProfileVersion, WorkloadProfile};
-use profile_store::{SeccompProfile, Version, WorkloadKey};
-use serde::Deserialize;
+use profile_store::crd::{CrdError, ProfileInstallation, ProfileVersion, WorkloadProfile};
+use profile_store::store::node_files;
+use profile_store::{Version, WorkloadKey};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -245,27 +245,23 @@ async fn drive<K>(
 struct VariantCache(Arc<Mutex<HashMap<Version, Version>>>);
 
 impl VariantCache {
-    /// The Log-mode variant of `v`, after checking that its inline profile is the
-    /// profile its version names.
-    fn variant(&self, v: &ProfileVersion) -> Result<Version, String> {
-        let claimed: Version = v.version.parse()?;
-        if let Some(known) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&claimed) {
+    /// The version of the Log-mode variant of `wp`'s version `v`: the second of the
+    /// [`node_files`] the installer writes for it, so the webhook references exactly
+    /// the files the nodes get. The inline profile is checked against its version
+    /// first ([`WorkloadProfile::profile_of`]).
+    fn variant(&self, wp: &WorkloadProfile, key: &WorkloadKey, v: &ProfileVersion) -> Result<Version, CrdError> {
+        if let Ok(claimed) = v.version.parse::<Version>()
+            && let Some(known) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&claimed)
+        {
             return Ok(known.clone());
         }
-        let profile = SeccompProfile::deserialize(&v.profile)
-            .map_err(|e| format!("its profile is not an OCI seccomp profile: {e}"))?;
-        let actual = profile.version();
-        if actual != claimed {
-            return Err(format!(
-                "its profile hashes to {actual}, not {claimed}; re-render it with `tether profiles` rather than editing it"
-            ));
-        }
-        let variant = log_variant_version(&profile);
+        let profile = wp.profile_of(v)?;
+        let [file, log] = node_files(key, &profile);
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(claimed, variant.clone());
-        Ok(variant)
+            .insert(file.version, log.version.clone());
+        Ok(log.version)
     }
 
     /// Forgets every version not in `keep`.
@@ -287,16 +283,34 @@ fn compact_profile(wp: &mut WorkloadProfile, variants: &VariantCache) {
     wp.metadata.managed_fields = None;
     wp.metadata.annotations = None;
     wp.spec.baseline = Default::default();
-    let object = format!("{}/{}", wp.namespace().unwrap_or_default(), wp.name_any());
-    wp.spec.versions.retain_mut(|v| match variants.variant(v) {
-        Ok(variant) => {
+    let key = match wp.key() {
+        Ok(key) => key,
+        Err(e) => {
+            // Nothing of it is injectable; the rebuild warns about the object.
+            tracing::debug!(error = %e, "WorkloadProfile with an invalid key: versions dropped from the cache");
+            wp.spec.versions.clear();
+            return;
+        }
+    };
+    let compacted: Vec<Option<Version>> = wp
+        .spec
+        .versions
+        .iter()
+        .map(|v| match variants.variant(wp, &key, v) {
+            Ok(variant) => Some(variant),
+            Err(e) => {
+                tracing::warn!(error = %e, "spec.versions[] entry ignored: not injectable");
+                None
+            }
+        })
+        .collect();
+    let mut compacted = compacted.into_iter();
+    wp.spec.versions.retain_mut(|v| match compacted.next().flatten() {
+        Some(variant) => {
             v.profile = serde_json::Value::String(variant.to_string());
             true
         }
-        Err(e) => {
-            tracing::warn!(workloadprofile = %object, version = %v.version, error = %e, "spec.versions[] entry ignored: not injectable");
-            false
-        }
+        None => false,
     });
 }
 
@@ -386,11 +400,10 @@ impl Builder {
         let mut held_back = 0;
         for wp in profiles {
             let object = || format!("{}/{}", wp.namespace().unwrap_or_default(), wp.name_any());
-            let w = &wp.spec.workload;
-            let key = match WorkloadKey::new(&wp.namespace().unwrap_or_default(), &w.kind, &w.name, &w.container) {
+            let key = match wp.key() {
                 Ok(key) => key,
                 Err(e) => {
-                    tracing::warn!(workloadprofile = %object(), error = %e, "spec.workload is not a workload key; ignored");
+                    tracing::warn!(error = %e, "WorkloadProfile ignored");
                     continue;
                 }
             };
@@ -398,7 +411,7 @@ impl Builder {
                 tracing::warn!(workloadprofile = %object(), %key, "a second WorkloadProfile for the same workload; ignored (delete one)");
                 continue;
             }
-            let active = gate::active_position(&wp.spec).map(|i| &wp.spec.versions[i].version);
+            let active = wp.spec.active().map(|v| &v.version);
             let stamp = format!(
                 "{}/{}#{}",
                 wp.uid().unwrap_or_default(),
@@ -429,7 +442,7 @@ fn entry_of(key: &WorkloadKey, wp: &WorkloadProfile, installed: &Installed) -> E
         .iter()
         .filter_map(|v| Some((v.version.parse().ok()?, compacted_variant(v)?)))
         .collect();
-    let active = gate::active_position(&wp.spec).and_then(|i| {
+    let active = wp.spec.active_position().and_then(|i| {
         versions
             .iter()
             .position(|(v, _)| v.as_str() == wp.spec.versions[i].version)

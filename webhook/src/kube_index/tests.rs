@@ -8,6 +8,7 @@ use crate::index::Lookup;
 use crate::policy::{Mode, OnMissing, Policy};
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
+use profile_store::SeccompProfile;
 use profile_store::render::SyscallRule;
 use profile_store::store::localhost_profile;
 use serde_json::{Value, json};
@@ -240,7 +241,7 @@ fn workload_profile(rv: &str, versions: &[&SeccompProfile], fallback: Option<&st
 fn files(p: &SeccompProfile) -> [String; 2] {
     [
         localhost_profile(&key(), &p.version()),
-        localhost_profile(&key(), &log_variant_version(p)),
+        localhost_profile(&key(), &p.log_variant().version()),
     ]
 }
 
@@ -350,8 +351,8 @@ async fn an_active_version_installed_on_every_ready_node_is_injected() {
     r.ready().await;
     let entry = r.entry().expect("the workload is indexed");
     assert_eq!(entry.active, Some(v2.version()));
-    assert_eq!(entry.log_variant, Some(log_variant_version(&v2)));
-    assert!(entry.known.contains(&v1.version()) && entry.known.contains(&log_variant_version(&v1)));
+    assert_eq!(entry.log_variant, Some(v2.log_variant().version()));
+    assert!(entry.known.contains(&v1.version()) && entry.known.contains(&v1.log_variant().version()));
     assert_eq!(r.metrics.ready_installers.get(), 2);
     assert_eq!(r.metrics.held_back_workloads.get(), 0);
     r.server.verify().await;
@@ -374,7 +375,7 @@ async fn a_version_missing_on_a_node_falls_back_to_the_previous_installed_versio
     r.ready().await;
     let entry = r.entry().unwrap();
     assert_eq!(entry.active, Some(v1.version()));
-    assert_eq!(entry.log_variant, Some(log_variant_version(&v1)));
+    assert_eq!(entry.log_variant, Some(v1.log_variant().version()));
     assert_eq!(entry.fallback.as_deref(), Some("SIGSYS in api-7d9f-x"));
     assert_eq!(r.metrics.held_back_workloads.get(), 1);
 
@@ -592,7 +593,7 @@ async fn unchanged_entries_are_shared_and_tampered_versions_are_never_injected()
                     &files(&v2),
                     &[
                         localhost_profile(&web, &v1.version()),
-                        localhost_profile(&web, &log_variant_version(&v1)),
+                        localhost_profile(&web, &v1.log_variant().version()),
                     ],
                 ],
             )],
