@@ -385,15 +385,26 @@ pub struct CrashWatcherOptions {
 /// replica holding the Lease acts on seccomp crashes and on fallbacks that
 /// ended. A replica that becomes leader first looks at everything its caches
 /// hold, so crashes seen while another replica led are not missed.
+///
+/// Dropping the future (aborting its task at shutdown) stops the election too.
 pub async fn run_crash_watcher(client: kube::Client, opts: CrashWatcherOptions) -> Result<(), CrashError> {
     let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
-    let election = tokio::spawn(run_election(
+    let _election = AbortOnDrop(tokio::spawn(run_election(
         Elector::new(client.clone(), opts.lease.clone()),
         leading_tx,
-    ));
-    let result = watch(client, &opts, &mut leading).await;
-    election.abort();
-    result
+    )));
+    watch(client, &opts, &mut leading).await
+}
+
+/// A spawned task that is aborted when this is dropped: a background loop ends
+/// with whatever owns it, whether that returns or is itself aborted.
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn watch(

@@ -1,8 +1,11 @@
 //! Starting the whole webhook: index watch, certificate watch, the TLS admission
-//! server and the metrics server, with shutdown.
+//! server and the metrics server (and, with the API server as store, the crash
+//! watcher), with shutdown.
 
+use crate::crash::{AbortOnDrop, CrashWatcherOptions, run_crash_watcher};
 use crate::index::{SharedIndex, watch_store};
 use crate::kube_index::{KubeIndexOptions, watch_kube};
+use crate::lease::LeaseConfig;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::review::Admission;
@@ -21,8 +24,11 @@ pub enum StoreSource {
     /// ProfileInstallations and Namespaces, with the client from the usual
     /// kubeconfig or in-cluster environment.
     Kube {
-        /// The namespace of the node installers' `ProfileInstallation`s.
+        /// The webhook's own namespace: the node installers'
+        /// `ProfileInstallation`s and the crash watcher's Lease are there.
         installer_namespace: String,
+        /// This replica's identity in the crash watcher's Lease (the pod name).
+        replica: String,
     },
 }
 
@@ -130,7 +136,16 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
 /// An opened index source, before its watch starts.
 enum Source {
     Dir(profile_store::FsStore),
-    Kube(kube::Client, crate::policy::LiveNamespaces, KubeIndexOptions),
+    // Boxed: built once, and much larger than the directory store.
+    Kube(Box<KubeSource>),
+}
+
+/// What `--store kube://` runs besides the server.
+struct KubeSource {
+    client: kube::Client,
+    live: crate::policy::LiveNamespaces,
+    index: KubeIndexOptions,
+    crash: CrashWatcherOptions,
 }
 
 /// Starts the webhook on the current tokio runtime.
@@ -148,12 +163,22 @@ pub async fn start(opts: ServeOptions) -> Result<Running, StartError> {
             }
             Source::Dir(store)
         }
-        StoreSource::Kube { installer_namespace } => {
+        StoreSource::Kube {
+            installer_namespace,
+            replica,
+        } => {
             let client = kube::Client::try_default().await.map_err(StartError::Kube)?;
             let live = crate::policy::LiveNamespaces::default();
             policy.live_namespaces = Some(live.clone());
-            let kube_opts = KubeIndexOptions::new(&policy, installer_namespace.clone(), opts.store_poll);
-            Source::Kube(client, live, kube_opts)
+            Source::Kube(Box::new(KubeSource {
+                client,
+                live,
+                index: KubeIndexOptions::new(&policy, installer_namespace.clone(), opts.store_poll),
+                crash: CrashWatcherOptions {
+                    lease: LeaseConfig::crash_watcher(installer_namespace, replica),
+                    metrics: metrics.clone(),
+                },
+            }))
         }
     };
     let resolver = certs::ReloadingResolver::new(&opts.tls_cert, &opts.tls_key, metrics.certs.clone())?;
@@ -179,10 +204,27 @@ pub async fn start(opts: ServeOptions) -> Result<Running, StartError> {
     let mut metrics_rx = rx.clone();
     let (store_poll, cert_poll, drain) = (opts.store_poll, opts.cert_poll, opts.drain);
     let done = tokio::spawn(async move {
-        // Held for its Drop: the watch stops with the server.
-        let _store_watch: Box<dyn Send> = match source {
-            Source::Dir(store) => Box::new(watch_store(index, store, store_poll, metrics)),
-            Source::Kube(client, live, kube_opts) => Box::new(watch_kube(client, index, live, kube_opts, metrics)),
+        // Held for their Drop: the watches stop with the server.
+        let (_store_watch, _crash_watcher): (Box<dyn Send>, Option<AbortOnDrop>) = match source {
+            Source::Dir(store) => (Box::new(watch_store(index, store, store_poll, metrics)), None),
+            Source::Kube(kube) => {
+                let KubeSource {
+                    client,
+                    live,
+                    index: index_opts,
+                    crash,
+                } = *kube;
+                // The crash watcher acts on the replica holding its Lease; the
+                // others only keep their caches warm to take over.
+                let crash_client = client.clone();
+                let crash_watcher = tokio::spawn(async move {
+                    if let Err(e) = run_crash_watcher(crash_client, crash).await {
+                        tracing::error!(error = %e, "crash watcher stopped: seccomp crashes no longer put workloads into fallback");
+                    }
+                });
+                let watch = watch_kube(client, index, live, index_opts, metrics);
+                (Box::new(watch), Some(AbortOnDrop(crash_watcher)))
+            }
         };
         let _cert_watch = resolver.watch(cert_poll);
         let metrics_server = tokio::spawn(serve_plain(metrics_listener, metrics_app, async move {

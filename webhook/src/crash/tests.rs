@@ -406,20 +406,44 @@ async fn a_newer_validated_active_version_clears_the_fallback() {
     .await;
 }
 
-/// `tether serve` spawns the watcher on the runtime: it must be `Send`.
+/// `tether serve --store kube://` spawns the watcher and aborts its task at
+/// shutdown: that must end every call to the API server, the Lease election's
+/// included (a leaked election would go on holding the Lease for a replica that
+/// no longer acts on crashes).
 #[tokio::test]
-async fn the_watcher_future_can_be_spawned() {
-    fn spawnable<F: std::future::Future + Send + 'static>(_: &F) {}
-    let (service, _handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+async fn an_aborted_watcher_stops_its_election_too() {
+    let wait = std::time::Duration::from_secs(5);
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
-    let future = run_crash_watcher(
+    let task = tokio::spawn(run_crash_watcher(
         client,
         CrashWatcherOptions {
             lease: crate::lease::LeaseConfig::crash_watcher("tether-system", "webhook-0"),
             metrics: Metrics::default(),
         },
-    );
-    spawnable(&future);
+    ));
+    // Calls stay unanswered (their responders are held), so nothing finishes by
+    // itself; wait until the election has made its first call.
+    let mut pending = Vec::new();
+    loop {
+        let (req, send) = tokio::time::timeout(wait, handle.next_request())
+            .await
+            .expect("the election never read its Lease")
+            .expect("the client went away before the election started");
+        pending.push(send);
+        if req.uri().path().ends_with("/leases/tether-crash-watcher") {
+            break;
+        }
+    }
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    // Once every task holding the client is gone, the mock sees no client left.
+    while let Some((_, send)) = tokio::time::timeout(wait, handle.next_request())
+        .await
+        .expect("a task of the aborted watcher still holds the client (the election leaked)")
+    {
+        pending.push(send);
+    }
 }
 
 /// Plays the API server for the whole watcher, answering by path: the Lease
