@@ -147,7 +147,7 @@ impl Gc {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use profile_store::crd::{ProfileVersion, VersionState, WorkloadProfileSpec, WorkloadRef};
     use profile_store::store::localhost_profile;
@@ -155,7 +155,8 @@ mod tests {
     use rstest::rstest;
     use serde_json::json;
 
-    fn profile(calls: &[&str]) -> Oci {
+    /// A profile allowing `calls` (shared with the run tests).
+    pub(crate) fn profile(calls: &[&str]) -> Oci {
         serde_json::from_value(json!({
             "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
             "architectures": ["SCMP_ARCH_X86_64"],
@@ -164,7 +165,8 @@ mod tests {
         .unwrap()
     }
 
-    fn version(calls: &[&str], status: VersionState) -> ProfileVersion {
+    /// A version holding [`profile`]`(calls)`.
+    pub(crate) fn version(calls: &[&str], status: VersionState) -> ProfileVersion {
         let p = profile(calls);
         ProfileVersion {
             version: p.version().to_string(),
@@ -177,7 +179,8 @@ mod tests {
         }
     }
 
-    fn wp(ns: &str, versions: Vec<ProfileVersion>, active: Option<&str>) -> WorkloadProfile {
+    /// `ns/deployment/api/app`'s WorkloadProfile.
+    pub(crate) fn wp(ns: &str, versions: Vec<ProfileVersion>, active: Option<&str>) -> WorkloadProfile {
         let mut wp = WorkloadProfile::new(
             "deployment.api.app",
             WorkloadProfileSpec {

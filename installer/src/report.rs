@@ -115,25 +115,14 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Method, Request, Response, StatusCode};
-    use http_body_util::BodyExt;
-    use kube::client::Body;
+    use api_script::Call;
+    use http::Method;
     use serde_json::{Value, json};
     use std::time::Duration;
 
     const OBJECT: &str = "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations/node-a";
     const COLLECTION: &str = "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations";
     const STATUS: &str = "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations/node-a/status";
-
-    /// One expected call: method, path, the body the client must send (checked
-    /// when given), and the answer.
-    struct Call {
-        method: Method,
-        path: &'static str,
-        expect: Option<Value>,
-        status: StatusCode,
-        body: Value,
-    }
 
     fn not_found() -> Value {
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -144,33 +133,6 @@ mod tests {
         json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ProfileInstallation",
                "metadata": {"name": "node-a", "namespace": "tether-system", "resourceVersion": "7"},
                "spec": {"nodeName": "node-a"}, "status": status})
-    }
-
-    /// Plays the API server for `calls` in order, failing on any other call.
-    async fn scripted(calls: Vec<Call>) -> (kube::Client, tokio::task::JoinHandle<()>) {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let server = tokio::spawn(async move {
-            for call in calls {
-                let (req, send) = handle
-                    .next_request()
-                    .await
-                    .expect("the client stopped before the script ended");
-                assert_eq!(req.method(), call.method, "{}", req.uri());
-                assert_eq!(req.uri().path(), call.path);
-                let bytes = req.into_body().collect().await.unwrap().to_bytes();
-                if let Some(want) = &call.expect {
-                    let got: Value = serde_json::from_slice(&bytes).unwrap();
-                    assert_eq!(&got, want);
-                }
-                send.send_response(
-                    Response::builder()
-                        .status(call.status)
-                        .body(Body::from(serde_json::to_vec(&call.body).unwrap()))
-                        .unwrap(),
-                );
-            }
-        });
-        (kube::Client::new(service, "tether-system"), server)
     }
 
     fn status(installed: &[&str]) -> ProfileInstallationStatus {
@@ -186,41 +148,29 @@ mod tests {
         let first = status(&["tether/prod/deployment/api/app-0123456789ab.json"]);
         let second = status(&[]);
         let calls = vec![
-            Call {
-                method: Method::GET,
-                path: OBJECT,
-                expect: None,
-                status: StatusCode::NOT_FOUND,
-                body: not_found(),
-            },
-            Call {
-                method: Method::POST,
-                path: COLLECTION,
-                expect: Some(
-                    json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ProfileInstallation",
+            Call::new(Method::GET, OBJECT, 404, not_found()),
+            Call::new(Method::POST, COLLECTION, 201, object(json!({}))).expect_body(
+                json!({"apiVersion": "tether.dev/v1alpha1", "kind": "ProfileInstallation",
                                     "metadata": {"name": "node-a"}, "spec": {"nodeName": "node-a"}}),
-                ),
-                status: StatusCode::CREATED,
-                body: object(json!({})),
-            },
-            Call {
-                method: Method::PATCH,
-                path: STATUS,
-                expect: Some(json!({"status": {"ready": true, "heartbeat": "2026-11-30T23:00:00Z",
+            ),
+            Call::new(
+                Method::PATCH,
+                STATUS,
+                200,
+                object(serde_json::to_value(&first).unwrap()),
+            )
+            .expect_body(json!({"status": {"ready": true, "heartbeat": "2026-11-30T23:00:00Z",
                                                "installed": ["tether/prod/deployment/api/app-0123456789ab.json"]}})),
-                status: StatusCode::OK,
-                body: object(serde_json::to_value(&first).unwrap()),
-            },
             // The next heartbeat only patches the status.
-            Call {
-                method: Method::PATCH,
-                path: STATUS,
-                expect: Some(json!({"status": {"ready": true, "heartbeat": "2026-11-30T23:00:00Z", "installed": []}})),
-                status: StatusCode::OK,
-                body: object(serde_json::to_value(&second).unwrap()),
-            },
+            Call::new(
+                Method::PATCH,
+                STATUS,
+                200,
+                object(serde_json::to_value(&second).unwrap()),
+            )
+            .expect_body(json!({"status": {"ready": true, "heartbeat": "2026-11-30T23:00:00Z", "installed": []}})),
         ];
-        let (client, server) = scripted(calls).await;
+        let (client, script) = api_script::serve(calls, "tether-system");
         let mut reporter = Reporter::new(client, "tether-system", "node-a");
         tokio::time::timeout(Duration::from_secs(5), async {
             reporter.report(&first).await.unwrap();
@@ -228,72 +178,41 @@ mod tests {
         })
         .await
         .expect("the reporter made a call the scenario does not answer");
-        server.await.unwrap();
+        script.finish().await;
     }
 
     #[tokio::test]
     async fn an_existing_object_is_not_created_again_and_a_deleted_one_is() {
         let s = status(&[]);
         let calls = vec![
-            Call {
-                method: Method::GET,
-                path: OBJECT,
-                expect: None,
-                status: StatusCode::OK,
-                body: object(json!({})),
-            },
-            Call {
-                method: Method::PATCH,
-                path: STATUS,
-                expect: None,
-                status: StatusCode::NOT_FOUND,
-                body: not_found(),
-            },
-            Call {
-                method: Method::GET,
-                path: OBJECT,
-                expect: None,
-                status: StatusCode::NOT_FOUND,
-                body: not_found(),
-            },
-            Call {
-                method: Method::POST,
-                path: COLLECTION,
-                expect: None,
-                status: StatusCode::CREATED,
-                body: object(json!({})),
-            },
-            Call {
-                method: Method::PATCH,
-                path: STATUS,
-                expect: None,
-                status: StatusCode::OK,
-                body: object(json!({})),
-            },
+            Call::new(Method::GET, OBJECT, 200, object(json!({}))),
+            Call::new(Method::PATCH, STATUS, 404, not_found()),
+            Call::new(Method::GET, OBJECT, 404, not_found()),
+            Call::new(Method::POST, COLLECTION, 201, object(json!({}))),
+            Call::new(Method::PATCH, STATUS, 200, object(json!({}))),
         ];
-        let (client, server) = scripted(calls).await;
+        let (client, script) = api_script::serve(calls, "tether-system");
         let mut reporter = Reporter::new(client, "tether-system", "node-a");
         tokio::time::timeout(Duration::from_secs(5), reporter.report(&s))
             .await
             .expect("the reporter made a call the scenario does not answer")
             .unwrap();
-        server.await.unwrap();
+        script.finish().await;
     }
 
     #[tokio::test]
     async fn forbidden_says_which_rbac_is_missing() {
-        let calls = vec![Call {
-            method: Method::GET,
-            path: OBJECT,
-            expect: None,
-            status: StatusCode::FORBIDDEN,
-            body: json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        let calls = vec![Call::new(
+            Method::GET,
+            OBJECT,
+            403,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                          "message": "forbidden", "reason": "Forbidden", "code": 403}),
-        }];
-        let (client, server) = scripted(calls).await;
+        )];
+        let (client, script) = api_script::serve(calls, "tether-system");
         let mut reporter = Reporter::new(client, "tether-system", "node-a");
         let err = reporter.report(&status(&[])).await.unwrap_err().to_string();
         assert!(err.contains("node-a") && err.contains("RBAC"), "{err}");
-        server.await.unwrap();
+        script.finish().await;
     }
 }

@@ -466,47 +466,19 @@ fn health_router(registry: Registry, ready: Arc<AtomicBool>) -> axum::Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use profile_store::crd::{ProfileVersion, VersionState, WorkloadProfileSpec, WorkloadRef};
+    use crate::plan;
+    use crate::plan::tests::version;
+    use profile_store::crd::VersionState;
     use profile_store::{SeccompProfile, WorkloadKey};
     use serde_json::{Value, json};
 
+    /// `prod/deployment/api/app` with a Validated version per list of calls.
     fn wp(versions: &[&[&str]]) -> WorkloadProfile {
         let versions = versions
             .iter()
-            .map(|calls| {
-                let p: SeccompProfile = serde_json::from_value(json!({
-                    "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
-                    "architectures": ["SCMP_ARCH_X86_64"],
-                    "syscalls": [{"names": calls, "action": "SCMP_ACT_ALLOW"}]
-                }))
-                .unwrap();
-                ProfileVersion {
-                    version: p.version().to_string(),
-                    created: "2026-11-30T00:00:00Z".into(),
-                    runtime: "runc@1.1".into(),
-                    arch: "x86_64".into(),
-                    status: VersionState::Validated,
-                    needs_review: vec![],
-                    profile: serde_json::to_value(&p).unwrap(),
-                }
-            })
+            .map(|calls| version(calls, VersionState::Validated))
             .collect();
-        let mut wp = WorkloadProfile::new(
-            "deployment.api.app",
-            WorkloadProfileSpec {
-                workload: WorkloadRef {
-                    kind: "deployment".into(),
-                    name: "api".into(),
-                    container: "app".into(),
-                },
-                baseline: Default::default(),
-                versions,
-                active_version: None,
-                approvals: vec![],
-            },
-        );
-        wp.metadata.namespace = Some("prod".into());
-        wp
+        plan::tests::wp("prod", versions, None)
     }
 
     fn pod_using(path: &str) -> Pod {
@@ -621,72 +593,48 @@ mod tests {
     /// status reports them. Watches are left pending; anything else fails.
     #[tokio::test]
     async fn the_loop_installs_what_the_lists_hold_and_reports_it() {
-        use http::{Request, Response, StatusCode};
-        use http_body_util::BodyExt;
-        use kube::client::Body;
         let dir = tempfile::tempdir().unwrap();
         let v1 = wp(&[&["read"]]);
         let mut wp_json = serde_json::to_value(&v1).unwrap();
         wp_json["metadata"]["resourceVersion"] = json!("3");
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let (reported_tx, reported_rx) = tokio::sync::oneshot::channel::<Value>();
-        let server = tokio::spawn(async move {
-            let mut pending_watches = Vec::new();
-            let mut reported = Some(reported_tx);
-            while let Some((req, send)) = handle.next_request().await {
-                let path = req.uri().path().to_string();
-                let query = req.uri().query().unwrap_or_default().to_string();
-                let method = req.method().clone();
-                let body = req.into_body().collect().await.unwrap().to_bytes();
-                let reply = |status: StatusCode, v: Value| {
-                    Response::builder()
-                        .status(status)
-                        .body(Body::from(serde_json::to_vec(&v).unwrap()))
-                        .unwrap()
-                };
-                if query.contains("watch=true") {
-                    pending_watches.push(send);
-                    continue;
-                }
-                match (method.as_str(), path.as_str()) {
-                    ("GET", "/apis/tether.dev/v1alpha1/workloadprofiles") => send.send_response(reply(
-                        StatusCode::OK,
-                        json!({"apiVersion": "tether.dev/v1alpha1", "kind": "WorkloadProfileList",
-                               "metadata": {"resourceVersion": "10"}, "items": [wp_json.clone()]}),
-                    )),
-                    ("GET", "/api/v1/pods") => {
-                        assert!(query.contains("fieldSelector=spec.nodeName%3Dnode-a"), "{query}");
-                        send.send_response(reply(
-                            StatusCode::OK,
-                            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "11"}, "items": []}),
-                        ))
-                    }
-                    ("GET", "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations/node-a") => send
-                        .send_response(reply(
-                            StatusCode::NOT_FOUND,
-                            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                                   "reason": "NotFound", "code": 404}),
-                        )),
-                    ("POST", "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations") => {
-                        let sent: Value = serde_json::from_slice(&body).unwrap();
-                        assert_eq!(sent["spec"]["nodeName"], "node-a");
-                        send.send_response(reply(StatusCode::CREATED, sent))
-                    }
+        let mut reported = Some(reported_tx);
+        let (client, routes) = api_script::route("default", move |call| {
+            match (call.method.as_str(), call.path.as_str()) {
+                ("GET", "/apis/tether.dev/v1alpha1/workloadprofiles") => (
+                    200,
+                    json!({"apiVersion": "tether.dev/v1alpha1", "kind": "WorkloadProfileList",
+                           "metadata": {"resourceVersion": "10"}, "items": [wp_json.clone()]}),
+                ),
+                ("GET", "/api/v1/pods") => {
+                    assert!(
+                        call.query.contains("fieldSelector=spec.nodeName%3Dnode-a"),
+                        "{}",
+                        call.query
+                    );
                     (
-                        "PATCH",
-                        "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations/node-a/status",
-                    ) => {
-                        let sent: Value = serde_json::from_slice(&body).unwrap();
-                        send.send_response(reply(StatusCode::OK, json!({})));
-                        if let Some(tx) = reported.take() {
-                            let _ = tx.send(sent);
-                        }
-                    }
-                    _ => panic!("unexpected call {method} {path}?{query}"),
+                        200,
+                        json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "11"}, "items": []}),
+                    )
                 }
+                ("GET", "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations/node-a") => (
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                           "reason": "NotFound", "code": 404}),
+                ),
+                ("POST", "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations") => {
+                    assert_eq!(call.body["spec"]["nodeName"], "node-a");
+                    (201, call.body.clone())
+                }
+                ("PATCH", "/apis/tether.dev/v1alpha1/namespaces/tether-system/profileinstallations/node-a/status") => {
+                    if let Some(tx) = reported.take() {
+                        let _ = tx.send(call.body.clone());
+                    }
+                    (200, json!({}))
+                }
+                _ => panic!("unexpected call {} {}?{}", call.method, call.path, call.query),
             }
         });
-        let client = kube::Client::new(service, "default");
         let opts = InstallOptions {
             node_name: "node-a".into(),
             kubelet_root: dir.path().to_path_buf(),
@@ -723,6 +671,6 @@ mod tests {
             .expect("the installer did not stop")
             .unwrap()
             .unwrap();
-        drop(server);
+        routes.finish().await;
     }
 }

@@ -784,14 +784,13 @@ impl ProfileStore for KubeStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::{RenderOptions, RuntimeBase, render};
+    use crate::render::RuntimeBase;
     use crate::store::render_version;
-    use http::{Method, Request, Response};
-    use http_body_util::BodyExt;
-    use kube::client::Body;
+    use crate::store::tests::rendered;
+    use api_script::{Call, Script};
+    use http::Method;
     use proptest::prelude::*;
     use serde_json::{Value, json};
-    use std::time::Duration;
 
     const OBJECT: &str = "/apis/tether.dev/v1alpha1/namespaces/shop/workloadprofiles/deployment.checkout.app";
     const STATUS: &str = "/apis/tether.dev/v1alpha1/namespaces/shop/workloadprofiles/deployment.checkout.app/status";
@@ -802,32 +801,20 @@ mod tests {
         "shop/deployment/checkout/app".parse().unwrap()
     }
 
-    /// Asserts on the body a request sent.
-    type Check = Box<dyn FnOnce(&Value) + Send>;
-
-    /// One expected request and the API server's answer; `check` sees the body
-    /// the client sent.
-    struct Call {
-        method: Method,
-        path: &'static str,
-        status: u16,
-        body: Value,
-        check: Option<Check>,
-    }
-
+    /// An expected call; a `Value::Null` answer echoes the write, stored under a
+    /// new resourceVersion (`<position>00`).
     fn call(method: Method, path: &'static str, status: u16, body: Value) -> Call {
-        Call {
-            method,
-            path,
-            status,
-            body,
-            check: None,
+        let echo = body.is_null();
+        let call = Call::new(method, path, status, body);
+        if echo {
+            call.answer_with(|i, sent| stored(sent, &format!("{i}00")))
+        } else {
+            call
         }
     }
 
-    fn checked(mut c: Call, check: impl FnOnce(&Value) + Send + 'static) -> Call {
-        c.check = Some(Box::new(check));
-        c
+    fn checked(c: Call, check: impl FnOnce(&Value) + Send + 'static) -> Call {
+        c.check(check)
     }
 
     fn status_body(code: u16, reason: &str, message: &str, name: Option<&str>) -> Value {
@@ -880,64 +867,18 @@ mod tests {
 
     /// A store whose API server plays `calls` in order, fails on any call out of
     /// script, and fails when a scripted call never comes.
-    fn scenario(calls: Vec<Call>) -> (KubeStore, tokio::task::JoinHandle<()>) {
+    fn scenario(calls: Vec<Call>) -> (KubeStore, Script) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = runtime.block_on(async { kube::Client::new(service, "default") });
-        let server = runtime.spawn(async move {
-            for (i, call) in calls.into_iter().enumerate() {
-                let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-                    .await
-                    .unwrap_or_else(|_| panic!("call {i} ({} {}) never came", call.method, call.path))
-                    .expect("the client went away before the script ended");
-                assert_eq!(req.method(), call.method, "call {i}: {}", req.uri());
-                assert_eq!(req.uri().path(), call.path, "call {i}");
-                let bytes = req.into_body().collect().await.unwrap().to_bytes();
-                let sent: Value = if bytes.is_empty() {
-                    Value::Null
-                } else {
-                    serde_json::from_slice(&bytes).unwrap()
-                };
-                // A null answer echoes the write, stored under a new resourceVersion.
-                let body = if call.body.is_null() {
-                    stored(&sent, &format!("{i}00"))
-                } else {
-                    call.body
-                };
-                if let Some(check) = call.check {
-                    check(&sent);
-                }
-                let response = Response::builder()
-                    .status(call.status)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                    .unwrap();
-                send.send_response(response);
-            }
-            if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await {
-                panic!("unexpected call {} {}", req.method(), req.uri());
-            }
-        });
-        (KubeStore::new(client, runtime), server)
+        let (client, script) = runtime.block_on(async { api_script::serve(calls, "default") });
+        (KubeStore::new(client, runtime), script)
     }
 
-    fn finish(store: &KubeStore, server: tokio::task::JoinHandle<()>) {
-        store.runtime.get().unwrap().block_on(server).unwrap();
-    }
-
-    fn rendered(names: &[&str]) -> Rendered {
-        render(
-            names.iter().copied(),
-            &RenderOptions {
-                runtime: RuntimeBase::select("runc").unwrap(),
-                arch: Arch::X86_64,
-                approvals: BTreeSet::new(),
-            },
-        )
+    fn finish(store: &KubeStore, script: Script) {
+        store.runtime.get().unwrap().block_on(script.finish());
     }
 
     fn meta(r: &Rendered, second: i64) -> VersionMeta {

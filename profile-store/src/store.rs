@@ -802,14 +802,15 @@ pub fn rerender(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn key() -> WorkloadKey {
         "ns/deployment/app/c".parse().unwrap()
     }
 
-    fn rendered(names: &[&str]) -> Rendered {
+    /// `names` rendered for runc on x86_64 (shared with the KubeStore tests).
+    pub(crate) fn rendered(names: &[&str]) -> Rendered {
         render(
             names.iter().copied(),
             &RenderOptions {

@@ -209,24 +209,12 @@ pub async fn run_election(mut elector: Elector, leading: tokio::sync::watch::Sen
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Method, Request, Response, StatusCode};
-    use http_body_util::BodyExt;
-    use kube::client::Body;
+    use api_script::Call;
+    use http::Method;
     use serde_json::{Value, json};
 
     const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/tether-system/leases/tether-crash-watcher";
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/tether-system/leases";
-
-    /// One expected call and its answer; `check` sees the body the client sent.
-    struct Call {
-        method: Method,
-        path: &'static str,
-        status: StatusCode,
-        body: Value,
-        check: fn(&Value),
-    }
-
-    fn no_check(_: &Value) {}
 
     fn lease(holder: &str, renew: &str, rv: &str) -> Value {
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -240,43 +228,19 @@ mod tests {
                "message": reason, "reason": reason, "code": code})
     }
 
-    /// Plays the API server for `calls`, then asserts the client made no other
-    /// call (once `f` has finished and dropped its client).
+    /// Plays the API server for `calls` to an elector `f` drives; fails on any
+    /// other call.
     async fn scripted<F, Fut>(calls: Vec<Call>, f: F)
     where
         F: FnOnce(Elector) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let server = tokio::spawn(async move {
-            for call in calls {
-                let (req, send) = handle
-                    .next_request()
-                    .await
-                    .expect("the client stopped before the script ended");
-                assert_eq!(req.method(), call.method, "{}", req.uri());
-                assert_eq!(req.uri().path(), call.path);
-                let bytes = req.into_body().collect().await.unwrap().to_bytes();
-                if !bytes.is_empty() {
-                    (call.check)(&serde_json::from_slice(&bytes).unwrap());
-                }
-                send.send_response(
-                    Response::builder()
-                        .status(call.status)
-                        .body(Body::from(serde_json::to_vec(&call.body).unwrap()))
-                        .unwrap(),
-                );
-            }
-            if let Some((req, _)) = handle.next_request().await {
-                panic!("unexpected call {} {}", req.method(), req.uri());
-            }
-        });
-        let client = kube::Client::new(service, "tether-system");
+        let (client, script) = api_script::serve(calls, "tether-system");
         let elector = Elector::new(client, LeaseConfig::crash_watcher("tether-system", "me"));
         tokio::time::timeout(std::time::Duration::from_secs(5), f(elector))
             .await
             .expect("the elector made a call the scenario does not answer");
-        server.await.unwrap();
+        script.finish().await;
     }
 
     fn at(s: &str) -> Timestamp {
@@ -286,24 +250,12 @@ mod tests {
     #[tokio::test]
     async fn acquires_a_lease_that_does_not_exist_yet() {
         let calls = vec![
-            Call {
-                method: Method::GET,
-                path: LEASE,
-                status: StatusCode::NOT_FOUND,
-                body: status(404, "NotFound"),
-                check: no_check,
-            },
-            Call {
-                method: Method::POST,
-                path: LEASES,
-                status: StatusCode::CREATED,
-                body: lease("me", "2026-11-30T23:00:00Z", "1"),
-                check: |b| {
-                    assert_eq!(b["spec"]["holderIdentity"], "me");
-                    assert_eq!(b["spec"]["leaseDurationSeconds"], 15);
-                    assert_eq!(b["metadata"]["name"], "tether-crash-watcher");
-                },
-            },
+            Call::new(Method::GET, LEASE, 404, status(404, "NotFound")),
+            Call::new(Method::POST, LEASES, 201, lease("me", "2026-11-30T23:00:00Z", "1")).check(|b| {
+                assert_eq!(b["spec"]["holderIdentity"], "me");
+                assert_eq!(b["spec"]["leaseDurationSeconds"], 15);
+                assert_eq!(b["metadata"]["name"], "tether-crash-watcher");
+            }),
         ];
         scripted(calls, |mut e| async move {
             assert!(e.step(at("2026-11-30T23:00:00Z")).await);
@@ -315,24 +267,12 @@ mod tests {
     #[tokio::test]
     async fn acquires_a_released_lease_with_its_resource_version() {
         let calls = vec![
-            Call {
-                method: Method::GET,
-                path: LEASE,
-                status: StatusCode::OK,
-                body: lease("", "2026-11-30T22:00:00Z", "41"),
-                check: no_check,
-            },
-            Call {
-                method: Method::PUT,
-                path: LEASE,
-                status: StatusCode::OK,
-                body: lease("me", "2026-11-30T23:00:00Z", "42"),
-                check: |b| {
-                    assert_eq!(b["metadata"]["resourceVersion"], "41");
-                    assert_eq!(b["spec"]["holderIdentity"], "me");
-                    assert_eq!(b["spec"]["leaseTransitions"], 4);
-                },
-            },
+            Call::new(Method::GET, LEASE, 200, lease("", "2026-11-30T22:00:00Z", "41")),
+            Call::new(Method::PUT, LEASE, 200, lease("me", "2026-11-30T23:00:00Z", "42")).check(|b| {
+                assert_eq!(b["metadata"]["resourceVersion"], "41");
+                assert_eq!(b["spec"]["holderIdentity"], "me");
+                assert_eq!(b["spec"]["leaseTransitions"], 4);
+            }),
         ];
         scripted(calls, |mut e| async move {
             assert!(e.step(at("2026-11-30T23:00:00Z")).await);
@@ -344,48 +284,18 @@ mod tests {
     async fn does_not_act_while_another_holder_renews_and_takes_over_once_it_stops() {
         let calls = vec![
             // Held by `other`, renewed at 23:00:00.
-            Call {
-                method: Method::GET,
-                path: LEASE,
-                status: StatusCode::OK,
-                body: lease("other", "2026-11-30T23:00:00Z", "7"),
-                check: no_check,
-            },
+            Call::new(Method::GET, LEASE, 200, lease("other", "2026-11-30T23:00:00Z", "7")),
             // 10 s later `other` renewed: still fresh.
-            Call {
-                method: Method::GET,
-                path: LEASE,
-                status: StatusCode::OK,
-                body: lease("other", "2026-11-30T23:00:10Z", "8"),
-                check: no_check,
-            },
+            Call::new(Method::GET, LEASE, 200, lease("other", "2026-11-30T23:00:10Z", "8")),
             // 14 s after that it has not renewed again: not yet expired here.
-            Call {
-                method: Method::GET,
-                path: LEASE,
-                status: StatusCode::OK,
-                body: lease("other", "2026-11-30T23:00:10Z", "8"),
-                check: no_check,
-            },
+            Call::new(Method::GET, LEASE, 200, lease("other", "2026-11-30T23:00:10Z", "8")),
             // 15 s after this replica saw that record: expired, taken over.
-            Call {
-                method: Method::GET,
-                path: LEASE,
-                status: StatusCode::OK,
-                body: lease("other", "2026-11-30T23:00:10Z", "8"),
-                check: no_check,
-            },
-            Call {
-                method: Method::PUT,
-                path: LEASE,
-                status: StatusCode::OK,
-                body: lease("me", "2026-11-30T23:00:25Z", "9"),
-                check: |b| {
-                    assert_eq!(b["metadata"]["resourceVersion"], "8");
-                    assert_eq!(b["spec"]["holderIdentity"], "me");
-                    assert_eq!(b["spec"]["leaseTransitions"], 4);
-                },
-            },
+            Call::new(Method::GET, LEASE, 200, lease("other", "2026-11-30T23:00:10Z", "8")),
+            Call::new(Method::PUT, LEASE, 200, lease("me", "2026-11-30T23:00:25Z", "9")).check(|b| {
+                assert_eq!(b["metadata"]["resourceVersion"], "8");
+                assert_eq!(b["spec"]["holderIdentity"], "me");
+                assert_eq!(b["spec"]["leaseTransitions"], 4);
+            }),
         ];
         scripted(calls, |mut e| async move {
             assert!(!e.step(at("2026-11-30T23:00:00Z")).await);
@@ -400,13 +310,12 @@ mod tests {
     async fn a_stale_renew_time_alone_does_not_hand_the_lease_over() {
         // The holder's clock may be behind: its renewTime looks old, but this
         // replica has not yet watched it go unrenewed for a whole duration.
-        let calls = vec![Call {
-            method: Method::GET,
-            path: LEASE,
-            status: StatusCode::OK,
-            body: lease("other", "2026-11-30T20:00:00Z", "7"),
-            check: no_check,
-        }];
+        let calls = vec![Call::new(
+            Method::GET,
+            LEASE,
+            200,
+            lease("other", "2026-11-30T20:00:00Z", "7"),
+        )];
         scripted(calls, |mut e| async move {
             assert!(!e.step(at("2026-11-30T23:00:00Z")).await);
         })
@@ -416,44 +325,14 @@ mod tests {
     #[tokio::test]
     async fn renews_while_leading_and_steps_down_on_a_renew_conflict_or_error() {
         let calls = vec![
-            Call {
-                method: Method::GET,
-                path: LEASE,
-                status: StatusCode::OK,
-                body: lease("me", "2026-11-30T23:00:00Z", "5"),
-                check: no_check,
-            },
-            Call {
-                method: Method::PUT,
-                path: LEASE,
-                status: StatusCode::OK,
-                body: lease("me", "2026-11-30T23:00:02Z", "6"),
-                check: |b| {
-                    assert_eq!(b["spec"]["renewTime"], "2026-11-30T23:00:02.000000Z");
-                    assert_eq!(b["spec"]["leaseTransitions"], 3, "a renewal is no transition");
-                },
-            },
-            Call {
-                method: Method::GET,
-                path: LEASE,
-                status: StatusCode::OK,
-                body: lease("me", "2026-11-30T23:00:02Z", "6"),
-                check: no_check,
-            },
-            Call {
-                method: Method::PUT,
-                path: LEASE,
-                status: StatusCode::CONFLICT,
-                body: status(409, "Conflict"),
-                check: no_check,
-            },
-            Call {
-                method: Method::GET,
-                path: LEASE,
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                body: status(500, "InternalError"),
-                check: no_check,
-            },
+            Call::new(Method::GET, LEASE, 200, lease("me", "2026-11-30T23:00:00Z", "5")),
+            Call::new(Method::PUT, LEASE, 200, lease("me", "2026-11-30T23:00:02Z", "6")).check(|b| {
+                assert_eq!(b["spec"]["renewTime"], "2026-11-30T23:00:02.000000Z");
+                assert_eq!(b["spec"]["leaseTransitions"], 3, "a renewal is no transition");
+            }),
+            Call::new(Method::GET, LEASE, 200, lease("me", "2026-11-30T23:00:02Z", "6")),
+            Call::new(Method::PUT, LEASE, 409, status(409, "Conflict")),
+            Call::new(Method::GET, LEASE, 500, status(500, "InternalError")),
         ];
         scripted(calls, |mut e| async move {
             assert!(e.step(at("2026-11-30T23:00:02Z")).await);

@@ -1,6 +1,6 @@
 use super::*;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use api_script::Call;
+use http::{Method, Request, Response};
 use kube::client::Body;
 use rstest::rstest;
 use serde_json::{Value, json};
@@ -184,52 +184,17 @@ const WP: &str = "/apis/tether.dev/v1alpha1/namespaces/prod/workloadprofiles/dep
 const WP_STATUS: &str = "/apis/tether.dev/v1alpha1/namespaces/prod/workloadprofiles/deployment.api.app/status";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/prod/events";
 
-struct Call {
-    method: Method,
-    path: &'static str,
-    status: StatusCode,
-    body: Value,
-    check: fn(&Value),
-}
-
-fn no_check(_: &Value) {}
-
-/// Plays the API server for `calls`; after `f` finishes (and drops the
-/// client), any further call fails the test.
+/// Plays the API server for `calls` to what `f` drives; fails on any other call.
 async fn scripted<F, Fut>(calls: Vec<Call>, f: F)
 where
     F: FnOnce(kube::Client) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let server = tokio::spawn(async move {
-        for call in calls {
-            let (req, send) = handle
-                .next_request()
-                .await
-                .expect("the client stopped before the script ended");
-            assert_eq!(req.method(), call.method, "{}", req.uri());
-            assert_eq!(req.uri().path(), call.path);
-            let bytes = req.into_body().collect().await.unwrap().to_bytes();
-            if !bytes.is_empty() {
-                (call.check)(&serde_json::from_slice(&bytes).unwrap());
-            }
-            send.send_response(
-                Response::builder()
-                    .status(call.status)
-                    .body(Body::from(serde_json::to_vec(&call.body).unwrap()))
-                    .unwrap(),
-            );
-        }
-        if let Some((req, _)) = handle.next_request().await {
-            panic!("unexpected call {} {}", req.method(), req.uri());
-        }
-    });
-    let client = kube::Client::new(service, "default");
+    let (client, script) = api_script::serve(calls, "default");
     tokio::time::timeout(std::time::Duration::from_secs(5), f(client))
         .await
         .expect("the watcher made a call the scenario does not answer");
-    server.await.unwrap();
+    script.finish().await;
 }
 
 /// The active version is the crashed pod's (`0123456789ab`).
@@ -252,46 +217,34 @@ fn crashed_pod() -> Pod {
 #[tokio::test]
 async fn a_seccomp_crash_puts_the_workload_into_fallback_with_an_event_and_a_metric() {
     let calls = vec![
-        Call {
-            method: Method::GET,
-            path: WP,
-            status: StatusCode::OK,
-            body: crashed_profile(false),
-            check: no_check,
-        },
-        Call {
-            method: Method::PATCH,
-            path: WP_STATUS,
-            status: StatusCode::OK,
-            body: crashed_profile(false),
-            check: |b| {
-                assert_eq!(b["metadata"]["resourceVersion"], "12", "a compare-and-swap");
-                let f = &b["status"]["fallback"];
-                assert_eq!(f["pod"], "prod/api-7d9f8b6c5d-x2x9z");
-                assert!(f["reason"].as_str().unwrap().contains("exited with code 159"), "{f}");
-                assert!(f["since"].as_str().unwrap().parse::<Timestamp>().is_ok(), "{f}");
-            },
-        },
-        Call {
-            method: Method::POST,
-            path: EVENTS,
-            status: StatusCode::CREATED,
-            body: json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": "prod"},
+        Call::new(Method::GET, WP, 200, crashed_profile(false)),
+        Call::new(Method::PATCH, WP_STATUS, 200, crashed_profile(false)).check(|b| {
+            assert_eq!(b["metadata"]["resourceVersion"], "12", "a compare-and-swap");
+            let f = &b["status"]["fallback"];
+            assert_eq!(f["pod"], "prod/api-7d9f8b6c5d-x2x9z");
+            assert!(f["reason"].as_str().unwrap().contains("exited with code 159"), "{f}");
+            assert!(f["since"].as_str().unwrap().parse::<Timestamp>().is_ok(), "{f}");
+        }),
+        Call::new(
+            Method::POST,
+            EVENTS,
+            201,
+            json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": "prod"},
                          "eventTime": "2026-11-30T23:00:00.000000Z"}),
-            check: |b| {
-                assert_eq!(b["type"], "Warning");
-                assert_eq!(b["reason"], "SeccompFallback");
-                assert_eq!(b["regarding"]["kind"], "Pod");
-                assert_eq!(b["regarding"]["name"], "api-7d9f8b6c5d-x2x9z");
-                assert_eq!(b["related"]["name"], "deployment.api.app");
-                assert!(
-                    b["note"]
-                        .as_str()
-                        .unwrap()
-                        .contains("tether profiles fallback clear prod/deployment/api/app")
-                );
-            },
-        },
+        )
+        .check(|b| {
+            assert_eq!(b["type"], "Warning");
+            assert_eq!(b["reason"], "SeccompFallback");
+            assert_eq!(b["regarding"]["kind"], "Pod");
+            assert_eq!(b["regarding"]["name"], "api-7d9f8b6c5d-x2x9z");
+            assert_eq!(b["related"]["name"], "deployment.api.app");
+            assert!(
+                b["note"]
+                    .as_str()
+                    .unwrap()
+                    .contains("tether profiles fallback clear prod/deployment/api/app")
+            );
+        }),
     ];
     let metrics = Metrics::default();
     let m = metrics.clone();
@@ -315,13 +268,7 @@ async fn a_seccomp_crash_puts_the_workload_into_fallback_with_an_event_and_a_met
 
 #[tokio::test]
 async fn an_existing_fallback_is_not_overwritten() {
-    let calls = vec![Call {
-        method: Method::GET,
-        path: WP,
-        status: StatusCode::OK,
-        body: crashed_profile(true),
-        check: no_check,
-    }];
+    let calls = vec![Call::new(Method::GET, WP, 200, crashed_profile(true))];
     scripted(calls, |client| async move {
         let mut watcher = Watcher::new(client, "webhook-0", Metrics::default());
         let done = watcher.on_pod(&crashed_pod()).await;
@@ -333,28 +280,15 @@ async fn an_existing_fallback_is_not_overwritten() {
 #[tokio::test]
 async fn a_conflict_rereads_and_then_respects_a_fallback_set_meanwhile() {
     let calls = vec![
-        Call {
-            method: Method::GET,
-            path: WP,
-            status: StatusCode::OK,
-            body: crashed_profile(false),
-            check: no_check,
-        },
-        Call {
-            method: Method::PATCH,
-            path: WP_STATUS,
-            status: StatusCode::CONFLICT,
-            body: json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        Call::new(Method::GET, WP, 200, crashed_profile(false)),
+        Call::new(
+            Method::PATCH,
+            WP_STATUS,
+            409,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                          "reason": "Conflict", "message": "the object has been modified", "code": 409}),
-            check: no_check,
-        },
-        Call {
-            method: Method::GET,
-            path: WP,
-            status: StatusCode::OK,
-            body: crashed_profile(true),
-            check: no_check,
-        },
+        ),
+        Call::new(Method::GET, WP, 200, crashed_profile(true)),
     ];
     scripted(calls, |client| async move {
         let mut watcher = Watcher::new(client, "webhook-0", Metrics::default());
@@ -366,14 +300,9 @@ async fn a_conflict_rereads_and_then_respects_a_fallback_set_meanwhile() {
 
 #[tokio::test]
 async fn a_crash_of_a_version_no_longer_active_changes_nothing() {
-    let calls = vec![Call {
-        method: Method::GET,
-        path: WP,
-        status: StatusCode::OK,
-        // Active is ba9876543210; the pod ran 0123456789ab.
-        body: serde_json::to_value(profile("2026-11-30T23:00:00Z", "Validated", None)).unwrap(),
-        check: no_check,
-    }];
+    // Active is ba9876543210; the pod ran 0123456789ab.
+    let active = serde_json::to_value(profile("2026-11-30T23:00:00Z", "Validated", None)).unwrap();
+    let calls = vec![Call::new(Method::GET, WP, 200, active)];
     scripted(calls, |client| async move {
         let mut watcher = Watcher::new(client, "webhook-0", Metrics::default());
         let done = watcher.on_pod(&crashed_pod()).await;
@@ -384,18 +313,20 @@ async fn a_crash_of_a_version_no_longer_active_changes_nothing() {
 
 #[tokio::test]
 async fn a_newer_validated_active_version_clears_the_fallback() {
-    let calls = vec![Call {
-        method: Method::PATCH,
-        path: WP_STATUS,
-        status: StatusCode::OK,
-        body: serde_json::to_value(profile("2026-11-30T23:00:00Z", "Validated", None)).unwrap(),
-        check: |b| {
+    let calls = vec![
+        Call::new(
+            Method::PATCH,
+            WP_STATUS,
+            200,
+            serde_json::to_value(profile("2026-11-30T23:00:00Z", "Validated", None)).unwrap(),
+        )
+        .check(|b| {
             assert_eq!(
                 b,
                 &json!({"metadata": {"resourceVersion": "12"}, "status": {"fallback": null}})
             );
-        },
-    }];
+        }),
+    ];
     scripted(calls, |client| async move {
         let watcher = Watcher::new(client, "webhook-0", Metrics::default());
         let in_fallback = profile("2026-11-30T23:00:00Z", "Validated", Some("2026-11-30T22:00:00Z"));
@@ -451,75 +382,57 @@ async fn an_aborted_watcher_stops_its_election_too() {
 /// WorkloadProfiles, and the fallback calls; watches stay pending. Returns the
 /// paths of the write calls made within `window`.
 async fn whole_watcher(holder: Option<&'static str>, window: std::time::Duration) -> Vec<String> {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let seen = writes.clone();
-    let server = tokio::spawn(async move {
-        let mut pending = Vec::new();
-        let pod_json = serde_json::to_value(crashed_pod()).unwrap();
-        while let Some((req, send)) = handle.next_request().await {
-            let path = req.uri().path().to_string();
-            let query = req.uri().query().unwrap_or_default().to_string();
-            let method = req.method().clone();
-            let reply = |status: StatusCode, v: Value| {
-                Response::builder()
-                    .status(status)
-                    .body(Body::from(serde_json::to_vec(&v).unwrap()))
-                    .unwrap()
-            };
-            if query.contains("watch=true") {
-                pending.push(send);
-                continue;
-            }
-            if method != Method::GET {
-                seen.lock().unwrap().push(format!("{method} {path}"));
-            }
-            let lease_path = "/apis/coordination.k8s.io/v1/namespaces/tether-system/leases/tether-crash-watcher";
-            let response = match (method.as_str(), path.as_str()) {
-                ("GET", p) if p == lease_path => match holder {
-                    None => reply(
-                        StatusCode::NOT_FOUND,
-                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-                                                                "status": "Failure", "reason": "NotFound", "code": 404}),
-                    ),
-                    Some(h) => reply(
-                        StatusCode::OK,
-                        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                        "metadata": {"name": "tether-crash-watcher", "namespace": "tether-system", "resourceVersion": "1"},
-                        // Renewed "now" on every read: a live holder.
-                        "spec": {"holderIdentity": h, "leaseDurationSeconds": 15,
-                                 "renewTime": k8s_openapi::jiff::Timestamp::now().to_string()}}),
-                    ),
-                },
-                ("POST", "/apis/coordination.k8s.io/v1/namespaces/tether-system/leases") => reply(
-                    StatusCode::CREATED,
+    let pod_json = serde_json::to_value(crashed_pod()).unwrap();
+    let lease_path = "/apis/coordination.k8s.io/v1/namespaces/tether-system/leases/tether-crash-watcher";
+    let (client, routes) = api_script::route("default", move |call| {
+        let (method, path) = (call.method.as_str(), call.path.as_str());
+        if method != "GET" {
+            seen.lock().unwrap().push(format!("{method} {path}"));
+        }
+        match (method, path) {
+            ("GET", p) if p == lease_path => match holder {
+                None => (
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                           "status": "Failure", "reason": "NotFound", "code": 404}),
+                ),
+                Some(h) => (
+                    200,
                     json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                        "metadata": {"name": "tether-crash-watcher", "namespace": "tether-system", "resourceVersion": "2"}}),
+                    "metadata": {"name": "tether-crash-watcher", "namespace": "tether-system", "resourceVersion": "1"},
+                    // Renewed "now" on every read: a live holder.
+                    "spec": {"holderIdentity": h, "leaseDurationSeconds": 15,
+                             "renewTime": k8s_openapi::jiff::Timestamp::now().to_string()}}),
                 ),
-                ("GET", "/api/v1/pods") => reply(
-                    StatusCode::OK,
-                    json!({"apiVersion": "v1", "kind": "PodList",
-                    "metadata": {"resourceVersion": "5"}, "items": [pod_json.clone()]}),
-                ),
-                ("GET", "/apis/tether.dev/v1alpha1/workloadprofiles") => reply(
-                    StatusCode::OK,
-                    json!({
-                    "apiVersion": "tether.dev/v1alpha1", "kind": "WorkloadProfileList",
-                    "metadata": {"resourceVersion": "6"}, "items": [crashed_profile(false)]}),
-                ),
-                ("GET", WP) => reply(StatusCode::OK, crashed_profile(false)),
-                ("PATCH", WP_STATUS) => reply(StatusCode::OK, crashed_profile(false)),
-                ("POST", EVENTS) => reply(
-                    StatusCode::CREATED,
-                    json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
-                    "metadata": {"name": "e", "namespace": "prod"}, "eventTime": "2026-11-30T23:00:00.000000Z"}),
-                ),
-                _ => panic!("unexpected call {method} {path}?{query}"),
-            };
-            send.send_response(response);
+            },
+            ("POST", "/apis/coordination.k8s.io/v1/namespaces/tether-system/leases") => (
+                201,
+                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": "tether-crash-watcher", "namespace": "tether-system", "resourceVersion": "2"}}),
+            ),
+            ("GET", "/api/v1/pods") => (
+                200,
+                json!({"apiVersion": "v1", "kind": "PodList",
+                "metadata": {"resourceVersion": "5"}, "items": [pod_json.clone()]}),
+            ),
+            ("GET", "/apis/tether.dev/v1alpha1/workloadprofiles") => (
+                200,
+                json!({
+                "apiVersion": "tether.dev/v1alpha1", "kind": "WorkloadProfileList",
+                "metadata": {"resourceVersion": "6"}, "items": [crashed_profile(false)]}),
+            ),
+            ("GET", WP) => (200, crashed_profile(false)),
+            ("PATCH", WP_STATUS) => (200, crashed_profile(false)),
+            ("POST", EVENTS) => (
+                201,
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+                "metadata": {"name": "e", "namespace": "prod"}, "eventTime": "2026-11-30T23:00:00.000000Z"}),
+            ),
+            _ => panic!("unexpected call {method} {path}?{}", call.query),
         }
     });
-    let client = kube::Client::new(service, "default");
     let mut lease = crate::lease::LeaseConfig::crash_watcher("tether-system", "webhook-0");
     lease.retry = std::time::Duration::from_millis(50);
     let opts = CrashWatcherOptions {
@@ -527,7 +440,7 @@ async fn whole_watcher(holder: Option<&'static str>, window: std::time::Duration
         metrics: Metrics::default(),
     };
     let _ = tokio::time::timeout(window, run_crash_watcher(client, opts)).await;
-    server.abort();
+    routes.finish().await;
     writes.lock().unwrap().clone()
 }
 
