@@ -150,6 +150,37 @@ pub struct ProfileVersion {
     pub profile: serde_json::Value,
 }
 
+/// Why a version's inline profile cannot be used (callers add the object and
+/// field: [`WorkloadProfile::profile_of`], the KubeStore's reader).
+#[derive(Debug, thiserror::Error)]
+pub enum InlineProfileError {
+    /// `profile` is not an OCI seccomp profile.
+    #[error("not a seccomp profile ({0})")]
+    NotAProfile(#[source] serde_json::Error),
+    /// `profile` hashes to another version: it was edited after rendering.
+    #[error("it hashes to {actual}: it was altered")]
+    Altered {
+        /// The version its content hashes to.
+        actual: crate::Version,
+    },
+}
+
+impl ProfileVersion {
+    /// The seccomp profile this version holds, verified against its version:
+    /// the canonical JSON must hash to it, as a version file on a node must. The
+    /// one check for every reader of inline profiles (KubeStore, installer,
+    /// webhook index).
+    pub fn verified_profile(&self) -> Result<crate::SeccompProfile, InlineProfileError> {
+        let profile: crate::SeccompProfile =
+            serde_json::from_value(self.profile.clone()).map_err(InlineProfileError::NotAProfile)?;
+        let actual = profile.version();
+        if actual.as_str() != self.version {
+            return Err(InlineProfileError::Altered { actual });
+        }
+        Ok(profile)
+    }
+}
+
 /// Review state of a version.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum VersionState {
@@ -240,24 +271,21 @@ impl WorkloadProfile {
         })
     }
 
-    /// The seccomp profile `version` holds, verified against its version (the
-    /// canonical JSON must hash to it, as a version file on a node must).
+    /// The seccomp profile `version` holds, verified against its version
+    /// ([`ProfileVersion::verified_profile`]); the error names this object.
     pub fn profile_of(&self, version: &ProfileVersion) -> Result<crate::SeccompProfile, CrdError> {
-        let profile: crate::SeccompProfile =
-            serde_json::from_value(version.profile.clone()).map_err(|source| CrdError::Profile {
+        version.verified_profile().map_err(|e| match e {
+            InlineProfileError::NotAProfile(source) => CrdError::Profile {
                 object: self.display_name(),
                 version: version.version.clone(),
                 source,
-            })?;
-        let actual = profile.version();
-        if actual.as_str() != version.version {
-            return Err(CrdError::Mismatch {
+            },
+            InlineProfileError::Altered { actual } => CrdError::Mismatch {
                 object: self.display_name(),
                 version: version.version.clone(),
                 actual,
-            });
-        }
-        Ok(profile)
+            },
+        })
     }
 }
 

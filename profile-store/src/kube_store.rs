@@ -16,8 +16,8 @@
 use crate::abi::Abi;
 use crate::baseline::{Baseline, Excluded, SyscallStats};
 use crate::crd::{
-    BaselineSummary, FallbackState, ProfileVersion, SyscallSummary, VersionState, WorkloadProfile, WorkloadProfileSpec,
-    WorkloadProfileStatus, WorkloadRef,
+    BaselineSummary, FallbackState, InlineProfileError, ProfileVersion, SyscallSummary, VersionState, WorkloadProfile,
+    WorkloadProfileSpec, WorkloadProfileStatus, WorkloadRef,
 };
 use crate::key::WorkloadKey;
 use crate::render::{Arch, Rendered, SeccompProfile, Version};
@@ -239,17 +239,15 @@ pub fn record_from_object(
             .version
             .parse()
             .map_err(|e| invalid(key, format!("{field}.version: {e}")))?;
-        let profile: SeccompProfile = serde_json::from_value(v.profile.clone())
-            .map_err(|e| invalid(key, format!("{field}.profile is not a seccomp profile ({e})")))?;
-        if profile.version() != version {
-            return Err(invalid(
+        let profile = v.verified_profile().map_err(|e| match e {
+            InlineProfileError::NotAProfile(e) => invalid(key, format!("{field}.profile is not a seccomp profile ({e})")),
+            InlineProfileError::Altered { actual } => invalid(
                 key,
                 format!(
-                    "{field}.profile hashes to {}, not to its version {version}: it was altered; restore the object from a backup or delete it and build again",
-                    profile.version()
+                    "{field}.profile hashes to {actual}, not to its version {version}: it was altered; restore the object from a backup or delete it and build again"
                 ),
-            ));
-        }
+            ),
+        })?;
         let arch: Arch = serde_json::from_value(serde_json::Value::String(v.arch.clone()))
             .map_err(|_| invalid(key, format!("{field}.arch `{}` is not x86_64 or aarch64", v.arch)))?;
         versions.push(VersionMeta {
