@@ -137,23 +137,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Method, Request, Response, StatusCode};
-    use http_body_util::BodyExt;
-    use kube::client::Body;
+    use api_script::Call;
+    use http::Method;
     use serde_json::json;
     use std::time::Duration;
 
     const MUTATING: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/tether";
     const VALIDATING: &str = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/tether";
 
-    /// One expected call: method, path, and the answer (status, JSON body). The
-    /// verifier checks PATCH bodies against `patch`.
-    struct Call {
-        method: Method,
-        path: &'static str,
-        status: StatusCode,
-        body: Value,
-        patch: Option<Value>,
+    /// Checks that a request is the JSON patch `want`.
+    fn json_patch(want: Value) -> impl FnOnce(&api_script::Sent) + Send + 'static {
+        move |sent| {
+            assert_eq!(sent.content_type.as_deref(), Some("application/json-patch+json"));
+            assert_eq!(sent.body, want);
+        }
     }
 
     fn not_found(kind: &str) -> Value {
@@ -181,36 +178,11 @@ mod tests {
     /// Runs `calls` as the API server; fails on any call out of script, and the
     /// client side fails (times out) on a call the script does not answer.
     async fn run(calls: Vec<Call>, bundle: &[u8]) -> Result<Vec<Injected>, CertError> {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "default");
-        let server = tokio::spawn(async move {
-            for call in calls {
-                let (req, send) = handle
-                    .next_request()
-                    .await
-                    .expect("the client stopped before the script ended");
-                assert_eq!(req.method(), call.method, "{}", req.uri());
-                assert_eq!(req.uri().path(), call.path);
-                if let Some(want) = &call.patch {
-                    assert_eq!(
-                        req.headers().get("content-type").unwrap(),
-                        "application/json-patch+json"
-                    );
-                    let bytes = req.into_body().collect().await.unwrap().to_bytes();
-                    let got: Value = serde_json::from_slice(&bytes).unwrap();
-                    assert_eq!(&got, want);
-                }
-                let response = Response::builder()
-                    .status(call.status)
-                    .body(Body::from(serde_json::to_vec(&call.body).unwrap()))
-                    .unwrap();
-                send.send_response(response);
-            }
-        });
+        let (client, script) = api_script::serve(calls, "default");
         let result = tokio::time::timeout(Duration::from_secs(5), inject_ca_bundle(client, "tether", bundle))
             .await
             .expect("inject_ca_bundle made a call the scenario does not answer");
-        server.await.unwrap();
+        script.finish().await;
         result
     }
 
@@ -224,42 +196,18 @@ mod tests {
             &[("validate.tether.dev", Some("b2xk")), ("validate2.tether.dev", None)],
         );
         let calls = vec![
-            Call {
-                method: Method::GET,
-                path: MUTATING,
-                status: StatusCode::OK,
-                body: mutating.clone(),
-                patch: None,
-            },
-            Call {
-                method: Method::PATCH,
-                path: MUTATING,
-                status: StatusCode::OK,
-                body: mutating,
-                patch: Some(json!([
-                    {"op": "test", "path": "/webhooks/0/name", "value": "mutate.tether.dev"},
-                    {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": b64},
-                ])),
-            },
-            Call {
-                method: Method::GET,
-                path: VALIDATING,
-                status: StatusCode::OK,
-                body: validating.clone(),
-                patch: None,
-            },
-            Call {
-                method: Method::PATCH,
-                path: VALIDATING,
-                status: StatusCode::OK,
-                body: validating,
-                patch: Some(json!([
-                    {"op": "test", "path": "/webhooks/0/name", "value": "validate.tether.dev"},
-                    {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": b64},
-                    {"op": "test", "path": "/webhooks/1/name", "value": "validate2.tether.dev"},
-                    {"op": "add", "path": "/webhooks/1/clientConfig/caBundle", "value": b64},
-                ])),
-            },
+            Call::new(Method::GET, MUTATING, 200, mutating.clone()),
+            Call::new(Method::PATCH, MUTATING, 200, mutating).check_request(json_patch(json!([
+                {"op": "test", "path": "/webhooks/0/name", "value": "mutate.tether.dev"},
+                {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": b64},
+            ]))),
+            Call::new(Method::GET, VALIDATING, 200, validating.clone()),
+            Call::new(Method::PATCH, VALIDATING, 200, validating).check_request(json_patch(json!([
+                {"op": "test", "path": "/webhooks/0/name", "value": "validate.tether.dev"},
+                {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": b64},
+                {"op": "test", "path": "/webhooks/1/name", "value": "validate2.tether.dev"},
+                {"op": "add", "path": "/webhooks/1/clientConfig/caBundle", "value": b64},
+            ]))),
         ];
         let done = run(calls, pem).await.unwrap();
         assert_eq!(done.len(), 2);
@@ -272,20 +220,13 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode(pem);
         let mutating = config("MutatingWebhookConfiguration", &[("mutate.tether.dev", Some(&b64))]);
         let calls = vec![
-            Call {
-                method: Method::GET,
-                path: MUTATING,
-                status: StatusCode::OK,
-                body: mutating,
-                patch: None,
-            },
-            Call {
-                method: Method::GET,
-                path: VALIDATING,
-                status: StatusCode::NOT_FOUND,
-                body: not_found("validatingwebhookconfigurations"),
-                patch: None,
-            },
+            Call::new(Method::GET, MUTATING, 200, mutating),
+            Call::new(
+                Method::GET,
+                VALIDATING,
+                404,
+                not_found("validatingwebhookconfigurations"),
+            ),
         ];
         let done = run(calls, pem).await.unwrap();
         assert_eq!(done.len(), 1);
@@ -296,20 +237,13 @@ mod tests {
     #[tokio::test]
     async fn neither_configuration_existing_is_an_error_saying_what_to_do() {
         let calls = vec![
-            Call {
-                method: Method::GET,
-                path: MUTATING,
-                status: StatusCode::NOT_FOUND,
-                body: not_found("mutatingwebhookconfigurations"),
-                patch: None,
-            },
-            Call {
-                method: Method::GET,
-                path: VALIDATING,
-                status: StatusCode::NOT_FOUND,
-                body: not_found("validatingwebhookconfigurations"),
-                patch: None,
-            },
+            Call::new(Method::GET, MUTATING, 404, not_found("mutatingwebhookconfigurations")),
+            Call::new(
+                Method::GET,
+                VALIDATING,
+                404,
+                not_found("validatingwebhookconfigurations"),
+            ),
         ];
         let err = run(calls, b"ca").await.unwrap_err();
         assert!(matches!(err, CertError::NoWebhook(_)));

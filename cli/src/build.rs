@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use profile_store::ingest::Ingest;
 use profile_store::store::{RenderOutcome, render_version};
 use profile_store::tetragon::TetragonOptions;
-use profile_store::{Abi, Arch, FsStore, IngestOptions, IngestReport, ProfileStore, RuntimeBase, WorkloadKey};
+use profile_store::{Abi, Arch, IngestOptions, IngestReport, ProfileStore, RuntimeBase, WorkloadKey};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -139,10 +139,11 @@ pub(crate) fn run(args: BuildArgs) -> Result<()> {
     }
 
     let (baselines, report) = ingest.finish();
-    let store = FsStore::open_or_create(&args.store.store)?;
+    let store = args.store.open_or_create()?;
     let now = jiff::Timestamp::now();
-    // Workloads are independent on disk: update them on several threads so that
-    // their fsyncs overlap (a build touches hundreds of workloads).
+    // Workloads are independent (on disk, and as objects in the API server):
+    // update them on several threads so that their fsyncs, or their requests,
+    // overlap (a build touches hundreds of workloads).
     let threads = baselines.len().clamp(1, STORE_THREADS);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<Vec<(usize, Result<Row>)>> = std::thread::scope(|scope| {
@@ -153,7 +154,7 @@ pub(crate) fn run(args: BuildArgs) -> Result<()> {
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(observed) = baselines.get(i) else { break };
-                        done.push((i, update_one(&store, observed, &runtime, &args, now)));
+                        done.push((i, update_one(store.as_ref(), observed, &runtime, &args, now)));
                     }
                     done
                 })
@@ -186,7 +187,7 @@ const STORE_THREADS: usize = 16;
 
 /// Merges one workload's observations into the store and renders its version.
 fn update_one(
-    store: &FsStore,
+    store: &dyn ProfileStore,
     observed: &profile_store::Baseline,
     runtime: &RuntimeBase,
     args: &BuildArgs,
@@ -205,7 +206,7 @@ fn update_one(
             }
             Ok(())
         })
-        .with_context(|| format!("updating {key} in {}", args.store.store.display()))?;
+        .with_context(|| format!("updating {key} in {}", args.store.store))?;
     let b = &record.baseline;
     let conv = b.convergence();
     let (allowed, added, removed, needs_review, version, new_version) = match outcome {

@@ -112,7 +112,7 @@ pub(crate) fn run() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let running = start(ServeOptions {
-            store: store_dir.clone(),
+            store: store_dir.clone().into(),
             tls_cert: pki_dir.join("tls.crt"),
             tls_key: pki_dir.join("tls.key"),
             client_ca: None,

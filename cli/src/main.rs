@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod certs;
 mod demo;
+mod install;
 mod profiles;
 mod serve;
 mod table;
@@ -60,6 +61,10 @@ enum Command {
     /// configurations.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Run the node installer (a DaemonSet): write every active or recent profile
+    /// version under <kubelet-root>/seccomp/tether/, remove versions no pod on the
+    /// node uses, and report them in the node's ProfileInstallation.
+    Install(install::InstallArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes store (generated from
     /// the Rust types), or write them into `--out DIR` (deploy/base/crds).
     Crds(CrdsArgs),
@@ -99,9 +104,84 @@ fn crds(args: CrdsArgs) -> Result<()> {
 /// The store every command works on.
 #[derive(Debug, Args, Clone)]
 struct StoreArgs {
-    /// The profile store directory (created by `build` when absent).
-    #[arg(long, env = "TETHER_STORE", value_name = "DIR")]
-    store: PathBuf,
+    /// The profile store: a directory (created by `build` when absent), or
+    /// `kube://` for WorkloadProfile objects in the cluster of the current
+    /// kubeconfig (or the pod's service account); `kube://?keep=N` keeps N
+    /// versions per workload (default 10, plus a pinned one).
+    #[arg(long, env = "TETHER_STORE", value_name = "DIR|kube://")]
+    store: StoreLocation,
+}
+
+/// Where a store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StoreLocation {
+    /// An FsStore directory.
+    Dir(PathBuf),
+    /// The KubeStore; `keep` versions per workload.
+    Kube { keep: usize },
+}
+
+impl std::str::FromStr for StoreLocation {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let Some(rest) = s.strip_prefix("kube://") else {
+            return Ok(StoreLocation::Dir(PathBuf::from(s)));
+        };
+        let usage = || {
+            format!(
+                "`{s}` is not a Kubernetes store: write `kube://` or `kube://?keep=N` (the cluster comes from KUBECONFIG)"
+            )
+        };
+        match rest {
+            "" => Ok(StoreLocation::Kube {
+                keep: profile_store::kube_store::DEFAULT_KEEP,
+            }),
+            _ => match rest.strip_prefix("?keep=").map(str::parse::<usize>) {
+                Some(Ok(keep)) if keep > 0 => Ok(StoreLocation::Kube { keep }),
+                _ => Err(usage()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Dir(dir) => write!(f, "{}", dir.display()),
+            StoreLocation::Kube { .. } => f.write_str("the Kubernetes store (kube://)"),
+        }
+    }
+}
+
+/// A store any command can use, shared by the threads of a build.
+type DynStore = Box<dyn profile_store::ProfileStore + Send + Sync>;
+
+impl StoreArgs {
+    /// Opens an existing store.
+    fn open(&self) -> Result<DynStore> {
+        self.open_with(false)
+    }
+
+    /// Opens the store, creating a directory store when absent (a Kubernetes
+    /// store exists once its CRDs are installed).
+    fn open_or_create(&self) -> Result<DynStore> {
+        self.open_with(true)
+    }
+
+    fn open_with(&self, create: bool) -> Result<DynStore> {
+        self.store.open(create)
+    }
+}
+
+impl StoreLocation {
+    /// Opens the store; with `create`, a directory store is created when absent.
+    fn open(&self, create: bool) -> Result<DynStore> {
+        Ok(match self {
+            StoreLocation::Dir(dir) if create => Box::new(profile_store::FsStore::open_or_create(dir)?),
+            StoreLocation::Dir(dir) => Box::new(profile_store::FsStore::open(dir)?),
+            StoreLocation::Kube { keep } => Box::new(profile_store::KubeStore::connect()?.with_keep(*keep)),
+        })
+    }
 }
 
 /// Machine-readable output.
@@ -144,6 +224,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => validate::run(args),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Crds(args) => crds(args).map(|()| ExitCode::SUCCESS),
+        Command::Install(args) => install::run(args).map(|()| ExitCode::SUCCESS),
         Command::ExecConfined(args) => Ok(validate::exec_confined(args)),
     };
     match result {
@@ -151,6 +232,31 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreLocation;
+    use std::path::PathBuf;
+
+    #[test]
+    fn store_locations_parse_directories_and_kube_urls() {
+        assert_eq!(
+            "./profiles".parse(),
+            Ok(StoreLocation::Dir(PathBuf::from("./profiles")))
+        );
+        assert_eq!("kube://".parse(), Ok(StoreLocation::Kube { keep: 10 }));
+        assert_eq!("kube://?keep=3".parse(), Ok(StoreLocation::Kube { keep: 3 }));
+        for bad in [
+            "kube://?keep=0",
+            "kube://?keep=x",
+            "kube://cluster",
+            "kube://?namespace=a",
+        ] {
+            let err = bad.parse::<StoreLocation>().unwrap_err();
+            assert!(err.contains("kube://?keep=N"), "{bad}: {err}");
         }
     }
 }

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use profile_store::render::is_dangerous;
 use profile_store::store::{StoreError, WorkloadRecord, rerender};
-use profile_store::{Abi, FsStore, ProfileStore, Version, WorkloadKey};
+use profile_store::{Abi, ProfileStore, Version, WorkloadKey};
 use serde_json::json;
 use std::collections::BTreeSet;
 
@@ -94,28 +94,26 @@ pub(crate) enum FallbackCommand {
 
 pub(crate) fn run(cmd: ProfilesCommand) -> Result<()> {
     match cmd {
-        ProfilesCommand::List { store, json } => list(&FsStore::open(&store.store)?, json.json),
+        ProfilesCommand::List { store, json } => list(&*store.open()?, json.json),
         ProfilesCommand::Show {
             key,
             version,
             store,
             json,
-        } => show(&FsStore::open(&store.store)?, &key, version, json.json),
+        } => show(&*store.open()?, &key, version, json.json),
         ProfilesCommand::Diff {
             key,
             from,
             to,
             store,
             json,
-        } => diff(&FsStore::open(&store.store)?, &key, &from, &to, json.json),
-        ProfilesCommand::Approve { key, syscalls, store } => approve(&FsStore::open(&store.store)?, &key, &syscalls),
-        ProfilesCommand::Activate { key, version, store } => activate(&FsStore::open(&store.store)?, &key, &version),
+        } => diff(&*store.open()?, &key, &from, &to, json.json),
+        ProfilesCommand::Approve { key, syscalls, store } => approve(&*store.open()?, &key, &syscalls),
+        ProfilesCommand::Activate { key, version, store } => activate(&*store.open()?, &key, &version),
         ProfilesCommand::Fallback(FallbackCommand::Set { key, reason, store }) => {
-            fallback(&FsStore::open(&store.store)?, &key, Some(reason))
+            fallback(&*store.open()?, &key, Some(reason))
         }
-        ProfilesCommand::Fallback(FallbackCommand::Clear { key, store }) => {
-            fallback(&FsStore::open(&store.store)?, &key, None)
-        }
+        ProfilesCommand::Fallback(FallbackCommand::Clear { key, store }) => fallback(&*store.open()?, &key, None),
     }
 }
 
@@ -237,7 +235,7 @@ fn diff(store: &dyn ProfileStore, key: &WorkloadKey, from: &Version, to: &Versio
     Ok(())
 }
 
-fn approve(store: &FsStore, key: &WorkloadKey, syscalls: &[String]) -> Result<()> {
+fn approve(store: &dyn ProfileStore, key: &WorkloadKey, syscalls: &[String]) -> Result<()> {
     for s in syscalls {
         if Abi::known_name(s).is_none() {
             bail!("`{s}` is not a syscall name any of x86_64, i386, aarch64, arm knows");
@@ -276,7 +274,7 @@ fn approve(store: &FsStore, key: &WorkloadKey, syscalls: &[String]) -> Result<()
     Ok(())
 }
 
-fn activate(store: &FsStore, key: &WorkloadKey, version: &Version) -> Result<()> {
+fn activate(store: &dyn ProfileStore, key: &WorkloadKey, version: &Version) -> Result<()> {
     existing(store, key)?;
     store.update(key, &mut |record| {
         if record.version(version).is_none() {
@@ -292,7 +290,7 @@ fn activate(store: &FsStore, key: &WorkloadKey, version: &Version) -> Result<()>
     Ok(())
 }
 
-fn fallback(store: &FsStore, key: &WorkloadKey, reason: Option<String>) -> Result<()> {
+fn fallback(store: &dyn ProfileStore, key: &WorkloadKey, reason: Option<String>) -> Result<()> {
     if reason.as_deref().is_some_and(|r| r.trim().is_empty()) {
         bail!("--reason is empty: say why the workload needs its fallback (it is shown on every pod)");
     }

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use profile_store::store::{VersionStatus, localhost_profile, rerender};
-use profile_store::{Abi, FsStore, ProfileStore, SeccompProfile, Version, WorkloadKey};
+use profile_store::{Abi, ProfileStore, SeccompProfile, Version, WorkloadKey};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,9 +19,10 @@ pub(crate) struct ValidateArgs {
     /// Check this workload's active profile from the store instead.
     #[arg(long, env = "TETHER_KEY", value_name = "KEY", requires = "store")]
     key: Option<WorkloadKey>,
-    /// The profile store (with --key, --update or --pod).
-    #[arg(long, env = "TETHER_STORE", value_name = "DIR")]
-    store: Option<PathBuf>,
+    /// The profile store (with --key, --update or --pod): a directory, or
+    /// `kube://` (see `tether build --help`).
+    #[arg(long, env = "TETHER_STORE", value_name = "DIR|kube://")]
+    store: Option<crate::StoreLocation>,
     /// Where to run: runc (a container, as a node would; the default when runc is
     /// installed) or process (this host, the filter installed before exec).
     #[arg(long, env = "TETHER_VALIDATE_RUNTIME")]
@@ -102,7 +103,8 @@ pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
             )
         }
         (None, Some(key)) => {
-            let store = FsStore::open(args.store.as_deref().unwrap_or(std::path::Path::new(".")))?;
+            let here = crate::StoreLocation::Dir(".".into());
+            let store = args.store.as_ref().unwrap_or(&here).open(false)?;
             let record = store
                 .record(key)?
                 .ok_or_else(|| profile_store::StoreError::UnknownWorkload { key: key.clone() })?;
@@ -131,7 +133,7 @@ pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
         return Ok(verdict(report.pass));
     };
     if report.pass {
-        mark_validated(&store, &key, &version)?;
+        mark_validated(store.as_ref(), &key, &version)?;
         eprintln!("{key}: version {version} is Validated");
         return Ok(ExitCode::SUCCESS);
     }
@@ -142,7 +144,7 @@ pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
     let mut rendered = None;
     store.update(&key, &mut |record| {
         record.baseline.merge(&usage.to_baseline(key.clone(), Abi::host()));
-        rendered = Some(rerender(&store, record, jiff::Timestamp::now())?);
+        rendered = Some(rerender(store.as_ref(), record, jiff::Timestamp::now())?);
         Ok(())
     })?;
     let Some(outcome) = rendered else {
@@ -171,7 +173,7 @@ pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
     };
     print(&second, args.json)?;
     if second.pass {
-        mark_validated(&store, &key, &new)?;
+        mark_validated(store.as_ref(), &key, &new)?;
         eprintln!("{key}: version {new} is Validated");
     }
     Ok(verdict(second.pass))
@@ -221,7 +223,7 @@ fn parse_profile(text: &str) -> Result<SeccompProfile> {
     serde_json::from_value(v).context("not an OCI seccomp profile (defaultAction, architectures, syscalls)")
 }
 
-fn mark_validated(store: &FsStore, key: &WorkloadKey, version: &Version) -> Result<()> {
+fn mark_validated(store: &dyn ProfileStore, key: &WorkloadKey, version: &Version) -> Result<()> {
     store.update(key, &mut |record| {
         for v in record.state.versions.iter_mut().filter(|v| &v.version == version) {
             v.status = VersionStatus::Validated;
@@ -241,8 +243,8 @@ fn job(args: &ValidateArgs, pod_path: &PathBuf) -> Result<()> {
     };
     let mut profiles = Vec::new();
     match &args.store {
-        Some(dir) => {
-            let store = FsStore::open(dir)?;
+        Some(location) => {
+            let store = location.open(false)?;
             let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
             let spec = pod.spec.clone().unwrap_or_default();
             let names = spec

@@ -3,8 +3,10 @@
 //!
 //! The CRD YAML in `deploy/` is generated from these types (`tether crds`); a test
 //! regenerates it and fails when the files differ, so the manifests cannot drift
-//! from the code. The KubeStore that reads and writes these objects comes next
-//! (issue #7); the shapes mirror the FsStore's [`WorkloadRecord`](crate::store::WorkloadRecord).
+//! from the code. [`KubeStore`](crate::kube_store::KubeStore) reads and writes
+//! these objects; the shapes hold everything of the FsStore's
+//! [`WorkloadRecord`](crate::store::WorkloadRecord) (conversions in
+//! [`kube_store`](crate::kube_store)).
 
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
@@ -14,8 +16,8 @@ use std::collections::BTreeMap;
 
 /// One workload container's profiles: a `WorkloadProfile` per
 /// [`WorkloadKey`](crate::WorkloadKey), in the workload's namespace, named
-/// `<kind>.<name>.<container>` (names are DNS-1123 labels without dots, so the
-/// name is unambiguous).
+/// `<kind>.<name>.<container>` (kind and container have no dots, so the first
+/// and the last dot split the name even when the workload's name has dots).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "tether.dev",
@@ -37,11 +39,12 @@ pub struct WorkloadProfileSpec {
     /// What the baseline holds, summed over every observation.
     #[serde(default)]
     pub baseline: BaselineSummary,
-    /// The last versions, newest last; each carries its profile inline (a few KiB).
+    /// The last versions (10 by default), oldest first; each carries its profile
+    /// inline (a few KiB). The Log-mode variant of each is derived, not stored.
     #[serde(default)]
     pub versions: Vec<ProfileVersion>,
     /// The version `tether profiles activate` pinned; without one the newest
-    /// validated (else newest) version is active.
+    /// version is active. Never pruned from `versions`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_version: Option<String>,
     /// Dangerous syscalls a reviewer approved (`tether profiles approve`).
@@ -62,23 +65,63 @@ pub struct WorkloadRef {
     pub container: String,
 }
 
-/// The baseline, summarized: the syscall sets, not the raw events.
+/// The baseline: every counter and set of the [`Baseline`](crate::Baseline), so a
+/// build that merges new observations into it loses nothing (the raw events are
+/// never stored).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BaselineSummary {
-    /// Observed events.
+    /// Syscall events counted into `syscalls`.
     #[serde(default)]
     pub events: u64,
-    /// Distinct processes observed.
+    /// Process starts observed.
     #[serde(default)]
     pub processes: u64,
-    /// Calls per syscall name, per ABI (`x86_64`, `i386`, `aarch64`, `arm`).
+    /// Process exits observed.
     #[serde(default)]
-    pub syscalls: BTreeMap<String, BTreeMap<String, u64>>,
+    pub exits: u64,
+    /// Events of exec liveness/readiness probes (kept: probes run under the profile).
+    #[serde(default)]
+    pub exec_probe_events: u64,
+    /// Events of processes entered from outside the container (`kubectl exec`),
+    /// left out of the baseline.
+    #[serde(default)]
+    pub excluded_not_in_init_tree: u64,
+    /// Events Tetragon reported dropped on the nodes the workload ran on: when
+    /// non-zero, the baseline may be missing syscalls.
+    #[serde(default)]
+    pub dropped_on_nodes: u64,
+    /// Per syscall name: how often and when it was seen.
+    #[serde(default)]
+    pub syscalls: BTreeMap<String, SyscallSummary>,
+    /// ABIs the syscalls were made through (`x86_64`, `i386`, `aarch64`, `arm`).
+    #[serde(default)]
+    pub abis: Vec<String>,
+    /// Pods (replicas) that contributed events.
+    #[serde(default)]
+    pub pods: Vec<String>,
+    /// Nodes that contributed events.
+    #[serde(default)]
+    pub nodes: Vec<String>,
     /// First observation (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_seen: Option<String>,
     /// Last observation (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+}
+
+/// How often and when one syscall was observed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyscallSummary {
+    /// Calls observed.
+    #[serde(default)]
+    pub count: u64,
+    /// First call (RFC 3339; absent for inputs without timestamps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    /// Last call (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
 }
@@ -92,18 +135,50 @@ pub struct ProfileVersion {
     pub version: String,
     /// When it was rendered (RFC 3339).
     pub created: String,
-    /// The runtime base set it includes (`runc-1.1`, ...).
+    /// The runtime base set it was rendered with, as the operator chose it (`runc`,
+    /// `crun@1`).
     pub runtime: String,
-    /// Its architecture.
+    /// The node architecture it is for (`x86_64`, `aarch64`).
     pub arch: String,
     /// `Draft` until a staging replay passed, then `Validated`.
     pub status: VersionState,
-    /// Dangerous syscalls it allows that still need a review.
+    /// Observed dangerous syscalls it leaves out until a reviewer approves them.
     #[serde(default)]
     pub needs_review: Vec<String>,
     /// The OCI seccomp profile (the runtime-spec `linux.seccomp` object).
     #[schemars(schema_with = "preserve_unknown")]
     pub profile: serde_json::Value,
+}
+
+/// Why a version's inline profile cannot be used (callers add the object and
+/// field: [`WorkloadProfile::profile_of`], the KubeStore's reader).
+#[derive(Debug, thiserror::Error)]
+pub enum InlineProfileError {
+    /// `profile` is not an OCI seccomp profile.
+    #[error("not a seccomp profile ({0})")]
+    NotAProfile(#[source] serde_json::Error),
+    /// `profile` hashes to another version: it was edited after rendering.
+    #[error("it hashes to {actual}: it was altered")]
+    Altered {
+        /// The version its content hashes to.
+        actual: crate::Version,
+    },
+}
+
+impl ProfileVersion {
+    /// The seccomp profile this version holds, verified against its version:
+    /// the canonical JSON must hash to it, as a version file on a node must. The
+    /// one check for every reader of inline profiles (KubeStore, installer,
+    /// webhook index).
+    pub fn verified_profile(&self) -> Result<crate::SeccompProfile, InlineProfileError> {
+        let profile: crate::SeccompProfile =
+            serde_json::from_value(self.profile.clone()).map_err(InlineProfileError::NotAProfile)?;
+        let actual = profile.version();
+        if actual.as_str() != self.version {
+            return Err(InlineProfileError::Altered { actual });
+        }
+        Ok(profile)
+    }
 }
 
 /// Review state of a version.
@@ -113,6 +188,122 @@ pub enum VersionState {
     Draft,
     /// A staging replay passed under it.
     Validated,
+}
+
+/// Why a `WorkloadProfile` cannot be used as it stands.
+#[derive(Debug, thiserror::Error)]
+pub enum CrdError {
+    /// The object's namespace or `spec.workload` is not a valid workload key.
+    #[error("WorkloadProfile {object}: spec.workload is not a valid workload key ({source}); fix or delete the object")]
+    Key {
+        /// The object, as `namespace/name`.
+        object: String,
+        /// What is wrong.
+        source: crate::key::KeyError,
+    },
+    /// A version's inline profile is not a seccomp profile.
+    #[error(
+        "WorkloadProfile {object}: version {version}: spec.versions[].profile is not a seccomp profile ({source}); re-render it with `tether build`"
+    )]
+    Profile {
+        /// The object, as `namespace/name`.
+        object: String,
+        /// The version.
+        version: String,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// A version's inline profile does not hash to its version: it was edited.
+    #[error(
+        "WorkloadProfile {object}: version {version} holds a profile that hashes to {actual}: it was altered; re-render it with `tether build`"
+    )]
+    Mismatch {
+        /// The object, as `namespace/name`.
+        object: String,
+        /// The version named.
+        version: String,
+        /// The version its content hashes to.
+        actual: crate::Version,
+    },
+}
+
+impl WorkloadProfile {
+    /// The object name of `key`'s profile: `<kind>.<name>.<container>`. Kind and
+    /// container have no dots, so the first and the last dot split the name
+    /// unambiguously even when the workload's name has dots
+    /// ([`WorkloadProfile::key_of_name`]).
+    pub fn object_name(key: &crate::WorkloadKey) -> String {
+        format!("{}.{}.{}", key.kind(), key.name(), key.container())
+    }
+
+    /// The key a `WorkloadProfile` named `name` in `namespace` belongs to, read
+    /// from the name alone (a metadata-only list has no spec); `None` for a name
+    /// [`WorkloadProfile::object_name`] could not have produced.
+    pub fn key_of_name(namespace: &str, name: &str) -> Option<crate::WorkloadKey> {
+        let (kind, rest) = name.split_once('.')?;
+        let (workload, container) = rest.rsplit_once('.')?;
+        crate::WorkloadKey::new(namespace, kind, workload, container)
+            .ok()
+            .filter(|k| k.kind() == kind)
+    }
+
+    /// `namespace/name`, for messages.
+    pub fn display_name(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            self.metadata.name.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// The workload key the object is for (the namespace is the object's), validated.
+    pub fn key(&self) -> Result<crate::WorkloadKey, CrdError> {
+        let w = &self.spec.workload;
+        crate::WorkloadKey::new(
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            &w.kind,
+            &w.name,
+            &w.container,
+        )
+        .map_err(|source| CrdError::Key {
+            object: self.display_name(),
+            source,
+        })
+    }
+
+    /// The seccomp profile `version` holds, verified against its version
+    /// ([`ProfileVersion::verified_profile`]); the error names this object.
+    pub fn profile_of(&self, version: &ProfileVersion) -> Result<crate::SeccompProfile, CrdError> {
+        version.verified_profile().map_err(|e| match e {
+            InlineProfileError::NotAProfile(source) => CrdError::Profile {
+                object: self.display_name(),
+                version: version.version.clone(),
+                source,
+            },
+            InlineProfileError::Altered { actual } => CrdError::Mismatch {
+                object: self.display_name(),
+                version: version.version.clone(),
+                actual,
+            },
+        })
+    }
+}
+
+impl WorkloadProfileSpec {
+    /// The position in `versions` of the active version: the pinned one
+    /// (`activeVersion`), else the newest; the same rule as the FsStore's
+    /// ([`active_position`](crate::store::active_position)). `None` when nothing
+    /// was rendered, or the pinned version is no longer kept (admission then has
+    /// nothing to inject).
+    pub fn active_position(&self) -> Option<usize> {
+        let pinned = self.active_version.as_deref();
+        crate::store::active_position(&self.versions, pinned.map(|p| move |v: &ProfileVersion| v.version == p))
+    }
+
+    /// The active version (see [`WorkloadProfileSpec::active_position`]).
+    pub fn active(&self) -> Option<&ProfileVersion> {
+        self.active_position().map(|i| &self.versions[i])
+    }
 }
 
 /// What the crash watcher and `tether profiles fallback` write.
@@ -246,5 +437,83 @@ mod tests {
         assert_eq!(json["spec"]["workload"]["container"], "app");
         let back: WorkloadProfile = serde_json::from_value(json).unwrap();
         assert_eq!(back.spec, wp.spec);
+    }
+
+    fn version(v: &str, status: VersionState) -> ProfileVersion {
+        ProfileVersion {
+            version: v.into(),
+            created: "2026-11-30T00:00:00Z".into(),
+            runtime: "runc@1.1".into(),
+            arch: "x86_64".into(),
+            status,
+            needs_review: vec![],
+            profile: serde_json::json!({}),
+        }
+    }
+
+    /// Versions a (validated), b (validated), c (draft), newest last: the pinned
+    /// one, else the newest, Draft or not (the FsStore's rule).
+    #[rstest::rstest]
+    #[case::newest_even_a_draft(&["00000000000a", "00000000000b", "00000000000c"], None, Some("00000000000c"))]
+    #[case::pinned(&["00000000000a", "00000000000b", "00000000000c"], Some("00000000000a"), Some("00000000000a"))]
+    #[case::pinned_but_pruned(&["00000000000a", "00000000000b", "00000000000c"], Some("00000000000f"), None)]
+    #[case::no_versions(&[], None, None)]
+    fn the_active_version_is_the_pinned_else_the_newest(
+        #[case] versions: &[&str],
+        #[case] pinned: Option<&str>,
+        #[case] want: Option<&str>,
+    ) {
+        let states = [VersionState::Validated, VersionState::Validated, VersionState::Draft];
+        let spec = WorkloadProfileSpec {
+            workload: WorkloadRef {
+                kind: "deployment".into(),
+                name: "api".into(),
+                container: "app".into(),
+            },
+            baseline: BaselineSummary::default(),
+            versions: versions.iter().zip(states).map(|(v, s)| version(v, s)).collect(),
+            active_version: pinned.map(str::to_string),
+            approvals: vec![],
+        };
+        assert_eq!(spec.active().map(|v| v.version.as_str()), want);
+        assert_eq!(spec.active_position().map(|i| spec.versions[i].version.as_str()), want);
+    }
+
+    #[test]
+    fn an_inline_profile_is_verified_against_its_version() {
+        let profile: crate::SeccompProfile = serde_json::from_value(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]
+        }))
+        .unwrap();
+        let mut v = version(profile.version().as_str(), VersionState::Draft);
+        v.profile = serde_json::to_value(&profile).unwrap();
+        let mut wp = WorkloadProfile::new(
+            "deployment.api.app",
+            WorkloadProfileSpec {
+                workload: WorkloadRef {
+                    kind: "Deployment".into(),
+                    name: "api".into(),
+                    container: "app".into(),
+                },
+                baseline: BaselineSummary::default(),
+                versions: vec![v.clone()],
+                active_version: None,
+                approvals: vec![],
+            },
+        );
+        wp.metadata.namespace = Some("prod".into());
+        assert_eq!(wp.key().unwrap().to_string(), "prod/deployment/api/app");
+        assert_eq!(WorkloadProfile::object_name(&wp.key().unwrap()), "deployment.api.app");
+        assert_eq!(wp.profile_of(&v).unwrap(), profile);
+        v.profile["syscalls"][0]["names"] = serde_json::json!(["read", "ptrace"]);
+        let err = wp.profile_of(&v).unwrap_err().to_string();
+        assert!(
+            err.contains("prod/deployment.api.app") && err.contains("altered"),
+            "{err}"
+        );
+        v.profile = serde_json::json!({"defaultAction": 3});
+        assert!(matches!(wp.profile_of(&v), Err(CrdError::Profile { .. })));
     }
 }

@@ -10,6 +10,8 @@ pub mod baseline;
 pub mod crd;
 pub mod ingest;
 pub mod key;
+#[cfg(feature = "kube")]
+pub mod kube_store;
 pub mod render;
 pub mod store;
 pub mod strace;
@@ -20,5 +22,7 @@ pub use abi::Abi;
 pub use baseline::Baseline;
 pub use ingest::{Ingest, IngestError, IngestOptions, IngestReport};
 pub use key::WorkloadKey;
+#[cfg(feature = "kube")]
+pub use kube_store::KubeStore;
 pub use render::{Arch, RenderOptions, Rendered, RuntimeBase, SeccompProfile, Version, render};
 pub use store::{FsStore, ProfileStore, StoreError, WorkloadRecord};

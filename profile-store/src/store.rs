@@ -66,6 +66,136 @@ pub enum StoreError {
     /// A caller-side check inside an update refused the change.
     #[error("{0}")]
     Refused(String),
+    /// A profile was put under a version it does not hash to: versions are
+    /// content-addressed, so one version can never hold other content.
+    #[error(
+        "a profile put as version {version} of {key} hashes to {actual}: a version is the hash of its profile and is never rewritten; render the profile again"
+    )]
+    VersionMismatch {
+        /// The key (boxed: the error stays small on every path that never fails).
+        key: Box<WorkloadKey>,
+        /// The version it was put as.
+        version: Version,
+        /// The version its content has.
+        actual: Version,
+    },
+    /// The key's `WorkloadProfile` name would be too long for the API server.
+    #[error(
+        "{key} needs the object name {name}, longer than the 253 characters Kubernetes allows; shorten the workload or container name"
+    )]
+    ObjectName {
+        /// The key (boxed, as in `VersionMismatch`).
+        key: Box<WorkloadKey>,
+        /// The name it would have.
+        name: String,
+    },
+    /// A `WorkloadProfile` holds something tether could not have written.
+    /// Nothing is overwritten while this stands.
+    #[error("{object} is invalid: {reason}; fix it with `kubectl edit`, or delete it and run `tether build` again")]
+    InvalidObject {
+        /// The object (`workloadprofile <namespace>/<name>`).
+        object: String,
+        /// What is wrong, naming the field.
+        reason: String,
+    },
+    /// A Kubernetes store method was called from inside an async runtime, where
+    /// blocking on the request would stall the runtime's thread.
+    #[error(
+        "the Kubernetes store blocks on its requests and was called from inside an async runtime; call it from a plain thread (e.g. tokio::task::spawn_blocking)"
+    )]
+    InsideAsyncRuntime,
+    /// The runtime that drives the Kubernetes client could not start.
+    #[error("cannot start the Kubernetes client's runtime thread: {source}")]
+    Runtime {
+        /// Why.
+        source: io::Error,
+    },
+    /// No usable Kubernetes client configuration.
+    #[error("no Kubernetes client configuration ({reason}); set KUBECONFIG or run in a pod with a service account")]
+    KubeConfig {
+        /// What the client said.
+        reason: String,
+    },
+    /// The API server does not serve `workloadprofiles.tether.dev/v1alpha1`.
+    #[error(
+        "the API server does not serve workloadprofiles.tether.dev/v1alpha1 ({message}); install the CRDs: `kubectl apply -f deploy/base/crds` (or `tether crds | kubectl apply -f -`)"
+    )]
+    CrdsNotInstalled {
+        /// What the API server said.
+        message: String,
+    },
+    /// The API server refused the identity tether runs as.
+    #[error(
+        "not allowed to {verb} {object} ({message}); grant this identity {verb} on workloadprofiles.tether.dev (and workloadprofiles/status for fallbacks) with a Role or ClusterRole, as deploy/base/webhook/rbac.yaml does for the webhook"
+    )]
+    Forbidden {
+        /// What was attempted (`get`, `update`, ...).
+        verb: &'static str,
+        /// The object or collection.
+        object: String,
+        /// What the API server said.
+        message: String,
+    },
+    /// The API server did not accept the credentials.
+    #[error(
+        "the API server rejected the credentials ({message}); check the kubeconfig's user or the service account token"
+    )]
+    Unauthorized {
+        /// What the API server said.
+        message: String,
+    },
+    /// Other writers changed the object on every attempt.
+    #[error(
+        "{object} changed under every one of {attempts} attempts to update it (409 Conflict); retry, and look for a writer that rewrites it in a loop"
+    )]
+    Conflict {
+        /// The object.
+        object: String,
+        /// How many read-change-write rounds were tried.
+        attempts: usize,
+    },
+    /// The API server refused a request for another reason.
+    #[error("cannot {verb} {object}: the API server answered {code}: {message}")]
+    Api {
+        /// What was attempted.
+        verb: &'static str,
+        /// The object or collection.
+        object: String,
+        /// The HTTP status.
+        code: u16,
+        /// What the API server said.
+        message: String,
+    },
+    /// The API server could not be reached or answered something unreadable.
+    #[cfg(feature = "kube")]
+    #[error("cannot {verb} {object}: {}; check that the API server in the kubeconfig is reachable", chain(.cause.as_ref()))]
+    Kube {
+        /// What was attempted.
+        verb: &'static str,
+        /// The object or collection.
+        object: String,
+        /// The client's error (in the message, not a `source`: reporters that
+        /// print the chain would print it twice).
+        cause: Box<kube::Error>,
+    },
+}
+
+/// An error and its causes on one line: the kube client's own message often
+/// leaves out the cause that matters ("Connection refused").
+#[cfg(feature = "kube")]
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // Wrappers often repeat their cause's message; say each part once.
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 /// Where a version stands on its way to enforcement.
@@ -149,12 +279,14 @@ impl WorkloadRecord {
         &self.baseline.key
     }
 
-    /// The active version: the pinned one, else the newest.
+    /// The active version: the pinned one, else the newest (see [`active_position`]).
     pub fn active(&self) -> Option<&VersionMeta> {
-        match &self.state.pinned {
-            Some(p) => self.state.versions.iter().find(|v| &v.version == p),
-            None => self.state.versions.last(),
-        }
+        let pinned = self.state.pinned.as_ref();
+        active_position(
+            &self.state.versions,
+            pinned.map(|p| move |v: &VersionMeta| &v.version == p),
+        )
+        .map(|i| &self.state.versions[i])
     }
 
     /// The newest version.
@@ -165,6 +297,23 @@ impl WorkloadRecord {
     /// Metadata of `version`.
     pub fn version(&self, version: &Version) -> Option<&VersionMeta> {
         self.state.versions.iter().find(|v| &v.version == version)
+    }
+}
+
+/// Which of `versions` (oldest first) is active: the pinned one, else the newest.
+/// `is_pinned` picks the pinned version out, `None` when nothing is pinned.
+///
+/// The one rule for every store and reader: [`WorkloadRecord::active`] (FsStore,
+/// KubeStore) and `WorkloadProfileSpec::active` (the webhook's Kubernetes index,
+/// the node installer, the crash watcher) both come here, so a pod is injected the
+/// version `tether profiles list` shows as active whichever store is used. A
+/// newer Draft is active too: validation is a step an operator runs, not a gate
+/// admission applies. `None` when there are no versions, or the pin names a
+/// version no longer kept (nothing is injected rather than a version nobody chose).
+pub fn active_position<T>(versions: &[T], is_pinned: Option<impl Fn(&T) -> bool>) -> Option<usize> {
+    match is_pinned {
+        Some(pinned) => versions.iter().position(pinned),
+        None => versions.len().checked_sub(1),
     }
 }
 
@@ -549,6 +698,35 @@ pub fn localhost_profile(key: &WorkloadKey, version: &Version) -> String {
     )
 }
 
+/// One file a node holds for a version: its `localhostProfile` (the path under
+/// the kubelet's seccomp root), its version and its canonical bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFile {
+    /// `tether/<namespace>/<kind>/<name>/<container>-<version>.json`.
+    pub localhost_profile: String,
+    /// The version the bytes hash to.
+    pub version: Version,
+    /// The canonical profile JSON.
+    pub bytes: Vec<u8>,
+}
+
+/// The files a node needs so that every pod of `key` admitted with `profile` can
+/// start: the profile itself and its Log-mode variant (what a workload in
+/// fallback gets where Pod Security forbids `Unconfined`). The webhook injects
+/// exactly these `localhostProfile` paths.
+pub fn node_files(key: &WorkloadKey, profile: &SeccompProfile) -> [NodeFile; 2] {
+    let file = |p: &SeccompProfile| {
+        let bytes = p.canonical_json();
+        let version = Version::of(&bytes);
+        NodeFile {
+            localhost_profile: localhost_profile(key, &version),
+            version,
+            bytes,
+        }
+    };
+    [file(profile), file(&profile.log_variant())]
+}
+
 /// The key and version a `localhostProfile` under `tether/` names; `None` for a
 /// path that [`localhost_profile`] could not have produced (including any `..`).
 pub fn parse_localhost_profile(path: &str) -> Option<(WorkloadKey, Version)> {
@@ -656,14 +834,15 @@ pub fn rerender(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn key() -> WorkloadKey {
         "ns/deployment/app/c".parse().unwrap()
     }
 
-    fn rendered(names: &[&str]) -> Rendered {
+    /// `names` rendered for runc on x86_64 (shared with the KubeStore tests).
+    pub(crate) fn rendered(names: &[&str]) -> Rendered {
         render(
             names.iter().copied(),
             &RenderOptions {

@@ -82,3 +82,153 @@ async fn inject_ca_sets_the_bundle_on_a_real_cluster() {
     assert_eq!(bundles.len(), 3);
     assert!(bundles.iter().all(|b| b == pki.ca_cert.as_bytes()));
 }
+
+/// Runs `tether ARGS` against the cluster of `kubeconfig`.
+fn tether_kube(kubeconfig: &str, args: &[&str]) -> crate::common::Run {
+    tether_env(args, &[("KUBECONFIG", kubeconfig)])
+}
+
+/// The docs samples of namespace `default`, moved into `namespace`, so a build
+/// writes only there.
+fn fixture_in(namespace: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(crate::common::data("tetragon/docs-events.jsonl")).unwrap();
+    let moved: String = text
+        .lines()
+        .filter(|l| l.contains("\"namespace\":\"default\""))
+        .map(|l| l.replace("\"namespace\":\"default\"", &format!("\"namespace\":\"{namespace}\"")) + "\n")
+        .collect();
+    let path = dir.join("events.jsonl");
+    std::fs::write(&path, moved).unwrap();
+    path
+}
+
+/// `tether build --store kube://` and the `profiles` commands against a real API
+/// server, in a fresh namespace (CRDs installed first when absent, and removed
+/// again only if this test installed them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_and_profiles_work_against_the_kube_store() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::core::CustomResourceExt;
+    use profile_store::crd::WorkloadProfile;
+
+    let Some((client, kubeconfig)) = cluster().await else {
+        return;
+    };
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = WorkloadProfile::crd();
+    let crd_name = crd.metadata.name.clone().unwrap();
+    let installed_here = crds.get_opt(&crd_name).await.unwrap().is_none();
+    if installed_here {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+        // Served once Established.
+        for _ in 0..60 {
+            let got = crds.get(&crd_name).await.unwrap();
+            let established = got
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+    let ns = format!("tether-e2e-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+    namespaces.create(&PostParams::default(), &namespace).await.unwrap();
+
+    let profiles: Api<WorkloadProfile> = Api::namespaced(client.clone(), &ns);
+    let runtime = tokio::runtime::Handle::current();
+    let steps = {
+        let ns = ns.clone();
+        tokio::task::spawn_blocking(move || {
+            let dir = tempfile::tempdir().unwrap();
+            let events = fixture_in(&ns, dir.path());
+            let key = format!("{ns}/pod/xwing/spaceship");
+            let build = tether_kube(
+                &kubeconfig,
+                &["build", "--from", events.to_str().unwrap(), "--store", "kube://"],
+            )
+            .expect_code(0);
+            assert!(build.stdout.contains(&key), "{}", build.stdout);
+
+            let list = tether_kube(&kubeconfig, &["profiles", "list", "--store", "kube://", "--json"]).expect_code(0);
+            let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+            let row = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["key"] == key.as_str())
+                .cloned()
+                .unwrap_or_else(|| panic!("{key} not listed: {list}"));
+            assert_eq!(row["versions"], 1);
+            let first = row["active"]["version"].as_str().unwrap().to_string();
+
+            let show = tether_kube(&kubeconfig, &["profiles", "show", &key, "--store", "kube://"]).expect_code(0);
+            let profile: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+            let allowed: Vec<&str> = profile["syscalls"][0]["names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert!(
+                allowed.contains(&"setuid") && !allowed.contains(&"setns"),
+                "{allowed:?}"
+            );
+
+            // A second version (setns approved), then the first pinned again.
+            tether_kube(
+                &kubeconfig,
+                &["profiles", "approve", &key, "setns", "--store", "kube://"],
+            )
+            .expect_code(0);
+            tether_kube(
+                &kubeconfig,
+                &["profiles", "activate", &key, &first, "--store", "kube://"],
+            )
+            .expect_code(0);
+            tether_kube(
+                &kubeconfig,
+                &[
+                    "profiles", "fallback", "set", &key, "--reason", "e2e", "--store", "kube://",
+                ],
+            )
+            .expect_code(0);
+            let object = runtime.block_on(profiles.get("pod.xwing.spaceship")).unwrap();
+            assert_eq!(object.spec.versions.len(), 2);
+            assert_eq!(object.spec.active_version.as_deref(), Some(first.as_str()));
+            assert_eq!(object.spec.approvals, ["setns"]);
+            assert_eq!(
+                object.status.and_then(|s| s.fallback).map(|f| f.reason).as_deref(),
+                Some("e2e")
+            );
+
+            tether_kube(
+                &kubeconfig,
+                &["profiles", "fallback", "clear", &key, "--store", "kube://"],
+            )
+            .expect_code(0);
+            let object = runtime.block_on(profiles.get("pod.xwing.spaceship")).unwrap();
+            assert_eq!(object.status.and_then(|s| s.fallback), None);
+            let show =
+                tether_kube(&kubeconfig, &["profiles", "show", &key, "--store", "kube://", "--json"]).expect_code(0);
+            let shown: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+            assert_eq!(shown["version"]["version"], first.as_str());
+        })
+        .await
+    };
+
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    if installed_here {
+        let _ = crds.delete(&crd_name, &DeleteParams::default()).await;
+    }
+    // A failed step panicked on its thread: fail here, after the cleanup.
+    if let Err(e) = steps {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

@@ -2,7 +2,7 @@
 //! state. Built from the store off the request path and swapped whole, so admission
 //! never touches disk or network.
 
-use profile_store::store::WorkloadRecord;
+use profile_store::store::{WorkloadRecord, node_files};
 use profile_store::{ProfileStore, StoreError, Version, WorkloadKey};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -64,6 +64,36 @@ impl Index {
         }
     }
 
+    /// A snapshot of `entries`, each built from the source record with the given
+    /// stamp (so the next build can reuse it, see [`Index::reusable`]).
+    pub(crate) fn from_stamped(entries: HashMap<WorkloadKey, (Arc<Entry>, String)>) -> Index {
+        let mut stamps = HashMap::with_capacity(entries.len());
+        let entries = entries
+            .into_iter()
+            .map(|(key, (entry, stamp))| {
+                stamps.insert(key.clone(), stamp);
+                (key, entry)
+            })
+            .collect();
+        let mut index = Index::from_shared(entries);
+        index.stamps = stamps;
+        index
+    }
+
+    /// The entry of `key` when it was built from a record with `stamp`: a rebuild
+    /// shares it instead of building it again.
+    pub(crate) fn reusable(&self, key: &WorkloadKey, stamp: &str) -> Option<Arc<Entry>> {
+        (self.stamps.get(key).map(String::as_str) == Some(stamp))
+            .then(|| self.entries.get(key).cloned())
+            .flatten()
+    }
+
+    /// The shared entry of `key` (tests check that rebuilds share unchanged entries).
+    #[cfg(test)]
+    pub(crate) fn shared_entry(&self, key: &WorkloadKey) -> Option<&Arc<Entry>> {
+        self.entries.get(key)
+    }
+
     /// Workloads in fallback.
     pub fn in_fallback(&self) -> usize {
         self.entries.values().filter(|e| e.fallback.is_some()).count()
@@ -107,7 +137,12 @@ impl Index {
         let active = record.active().map(|m| m.version.clone());
         let log_variant = match (&active, previous) {
             (Some(a), Some(p)) if p.active.as_ref() == Some(a) => p.log_variant.clone(),
-            (Some(a), _) => Some(store.profile(key, a)?.log_variant().version()),
+            // The installer's second file for the version: the webhook references
+            // exactly the files the nodes get.
+            (Some(a), _) => {
+                let [_, log] = node_files(key, &store.profile(key, a)?);
+                Some(log.version)
+            }
             (None, _) => None,
         };
         let mut known: HashSet<Version> = record.state.versions.iter().map(|v| v.version.clone()).collect();
@@ -168,6 +203,12 @@ impl SharedIndex {
         *self.checked.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Records that the source could not be read: the index in service stays, and
+    /// readiness and metrics say it may be stale until the next [`SharedIndex::set`].
+    pub fn fail(&self, error: String) {
+        *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = Some(error);
+    }
+
     /// Reloads from `store`; on failure the previous snapshot stays in service and
     /// the error is kept for readiness and metrics.
     pub fn refresh(&self, store: &dyn ProfileStore) -> Result<Arc<Index>, StoreError> {
@@ -178,7 +219,7 @@ impl SharedIndex {
                 Ok(self.get())
             }
             Err(e) => {
-                *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                self.fail(e.to_string());
                 Err(e)
             }
         }

@@ -62,6 +62,13 @@ pub struct ExemptionLabels {
     pub result: &'static str,
 }
 
+/// Labels of crash fallbacks.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CrashLabels {
+    /// `exit_code_159`, `sigsys` or `seccomp_load_error`.
+    pub reason: &'static str,
+}
+
 /// The webhook's metrics; cloning shares them.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -81,6 +88,16 @@ pub struct Metrics {
     pub index_age_seconds: Gauge<f64, AtomicU64>,
     /// Failed index loads (the previous index stays in service).
     pub index_load_failures: Counter,
+    /// Node installers that count for install gating (ready, fresh heartbeat);
+    /// 0 with gating on means nothing is injectable.
+    pub ready_installers: Gauge,
+    /// Workloads whose active version is not yet installed on every ready node
+    /// (an older installed version, or none, is injected meanwhile).
+    pub held_back_workloads: Gauge,
+    /// Workloads the crash watcher put into fallback, by crash reason.
+    pub crash_fallbacks: Family<CrashLabels, Counter>,
+    /// 1 while this replica holds the crash watcher's Lease.
+    pub crash_watcher_leader: Gauge,
     /// Certificate metrics.
     pub certs: certs::CertMetrics,
 }
@@ -111,6 +128,10 @@ impl Default for Metrics {
             store_versions: Gauge::default(),
             index_age_seconds: Gauge::default(),
             index_load_failures: Counter::default(),
+            ready_installers: Gauge::default(),
+            held_back_workloads: Gauge::default(),
+            crash_fallbacks: Family::default(),
+            crash_watcher_leader: Gauge::default(),
             certs: certs::CertMetrics::default(),
         }
     }
@@ -155,6 +176,26 @@ impl Metrics {
             "index_load_failures",
             "Failed loads of the admission index (the previous one stays)",
             self.index_load_failures.clone(),
+        );
+        r.register(
+            "ready_installers",
+            "Node installers that count for install gating (ready, fresh heartbeat)",
+            self.ready_installers.clone(),
+        );
+        r.register(
+            "held_back_workloads",
+            "Workloads whose active version is not installed on every ready node yet",
+            self.held_back_workloads.clone(),
+        );
+        r.register(
+            "crash_fallbacks",
+            "Workloads put into fallback after a container crashed under its profile, by reason",
+            self.crash_fallbacks.clone(),
+        );
+        r.register(
+            "crash_watcher_leader",
+            "1 while this replica holds the crash watcher's Lease and acts on crashes",
+            self.crash_watcher_leader.clone(),
         );
         self.certs.register(&mut r);
         r

@@ -1,10 +1,12 @@
 //! Policy: modes, exemptions, on-missing behaviour, and what the webhook knows
 //! about namespaces.
 
+use crate::gate::InstallGate;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 
 /// Label and annotation names under `tether.dev/`.
 pub mod names {
@@ -118,7 +120,85 @@ pub struct Policy {
     /// Namespace labels, when they cannot come from the API server.
     #[serde(default)]
     pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// When a version counts as installed on the nodes (`all-ready` or `none`);
+    /// only the Kubernetes store has installer reports to gate on.
+    #[serde(default)]
+    pub install_gate: InstallGate,
+    /// An installer whose heartbeat is older than this many seconds is not ready.
+    #[serde(default = "default_installer_staleness")]
+    pub installer_staleness_seconds: u64,
+    /// Namespace labels from the API server (a reflector), consulted before
+    /// `namespaces`; set by the Kubernetes-fed index, never by the config file.
+    #[serde(skip)]
+    pub live_namespaces: Option<LiveNamespaces>,
 }
+
+fn default_installer_staleness() -> u64 {
+    120
+}
+
+/// The labels of every namespace as the API server last reported them (only the
+/// ones tether reads), swapped whole by the reflector that feeds it, read by
+/// admission without a call to the API server.
+#[derive(Clone, Default)]
+pub struct LiveNamespaces {
+    labels: Arc<RwLock<HashMap<String, BTreeMap<String, String>>>>,
+}
+
+impl LiveNamespaces {
+    /// The label keys tether reads; other labels are not kept.
+    pub const KEYS: [&'static str; 3] = [names::MODE, names::ALLOW_EXEMPTIONS, names::PSA_ENFORCE];
+
+    /// Replaces every namespace's labels (keeping only [`Self::KEYS`]).
+    pub fn replace<'a>(&self, namespaces: impl IntoIterator<Item = (String, Option<&'a BTreeMap<String, String>>)>) {
+        let map = namespaces
+            .into_iter()
+            .map(|(name, labels)| {
+                let kept = labels
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| Self::KEYS.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                (name, kept)
+            })
+            .collect();
+        *self.labels.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+
+    /// Calls `f` with the labels of `namespace` (`None`: not seen by the reflector).
+    fn with<T>(&self, namespace: &str, f: impl FnOnce(Option<&BTreeMap<String, String>>) -> T) -> T {
+        let map = self.labels.read().unwrap_or_else(|e| e.into_inner());
+        f(map.get(namespace))
+    }
+
+    /// How many namespaces it knows.
+    pub fn len(&self) -> usize {
+        self.labels.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether it knows no namespace.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for LiveNamespaces {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveNamespaces")
+            .field("namespaces", &self.len())
+            .finish()
+    }
+}
+
+// Two handles are equal when they share the same map (the policy derives Eq).
+impl PartialEq for LiveNamespaces {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.labels, &other.labels)
+    }
+}
+
+impl Eq for LiveNamespaces {}
 
 fn default_mode() -> Mode {
     Mode::Enforce
@@ -135,6 +215,9 @@ impl Default for Policy {
             on_missing: default_on_missing(),
             exemption_namespaces: BTreeSet::new(),
             namespaces: BTreeMap::new(),
+            install_gate: InstallGate::default(),
+            installer_staleness_seconds: default_installer_staleness(),
+            live_namespaces: None,
         }
     }
 }
@@ -156,12 +239,26 @@ pub struct NamespaceView {
 impl Policy {
     /// Reads a policy file (YAML, or JSON which is YAML too).
     pub fn from_yaml(text: &str) -> Result<Policy, String> {
-        serde_saphyr::from_str(text).map_err(|e| e.to_string())
+        let policy: Policy = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+        if policy.installer_staleness_seconds == 0 {
+            return Err("installerStalenessSeconds: 0 would count no installer as ready; use the seconds between heartbeats and some margin (default 120)".into());
+        }
+        Ok(policy)
     }
 
-    /// The view of `namespace`, from its labels (`labels` when the caller has them,
-    /// else the config's).
+    /// The view of `namespace`, from its labels: `labels` when the caller has them,
+    /// else the API server's (when [`Policy::live_namespaces`] is set and has seen
+    /// the namespace), else the config's.
     pub fn namespace(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> NamespaceView {
+        match (labels, &self.live_namespaces) {
+            (None, Some(live)) => live.with(namespace, |live| self.view(namespace, live)),
+            _ => self.view(namespace, labels),
+        }
+    }
+
+    fn view(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> NamespaceView {
+        // A namespace the reflector has not seen yet (created a moment ago) falls
+        // back to the config, then to the defaults.
         let labels = labels.or_else(|| self.namespaces.get(namespace).map(|n| &n.labels));
         let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
         let (mode, label_problem) = match label(names::MODE).map(str::parse::<Mode>) {
@@ -217,6 +314,49 @@ namespaces:
         labels.insert(names::MODE.to_string(), "off".to_string());
         let live = policy.namespace("staging", Some(&labels));
         assert_eq!((live.mode, live.allow_exemptions), (Mode::Off, true));
+    }
+
+    #[test]
+    fn install_gate_settings() {
+        let default = Policy::from_yaml("{}").unwrap();
+        assert_eq!(
+            (default.install_gate, default.installer_staleness_seconds),
+            (InstallGate::AllReady, 120)
+        );
+        let off = Policy::from_yaml("installGate: none\ninstallerStalenessSeconds: 300\n").unwrap();
+        assert_eq!(
+            (off.install_gate, off.installer_staleness_seconds),
+            (InstallGate::None, 300)
+        );
+        assert!(Policy::from_yaml("installGate: some\n").is_err());
+        let err = Policy::from_yaml("installerStalenessSeconds: 0\n").unwrap_err();
+        assert!(err.contains("installerStalenessSeconds"), "{err}");
+    }
+
+    /// Live labels come first, only the labels tether reads are kept, and the
+    /// config answers for namespaces the API server has not reported.
+    #[test]
+    fn live_namespace_labels_override_the_config() {
+        let mut policy = Policy::from_yaml(
+            "namespaces:\n  a: {labels: {tether.dev/mode: dry-run}}\n  b: {labels: {tether.dev/mode: dry-run}}\n",
+        )
+        .unwrap();
+        let live = LiveNamespaces::default();
+        let labels: BTreeMap<String, String> = [(names::MODE, "off"), ("team", "x")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        live.replace([("a".to_string(), Some(&labels))]);
+        policy.live_namespaces = Some(live.clone());
+        assert_eq!(policy.namespace("a", None).mode, Mode::Off);
+        assert_eq!(policy.namespace("b", None).mode, Mode::DryRun);
+        assert_eq!(
+            live.labels.read().unwrap()["a"].len(),
+            1,
+            "labels tether does not read were kept"
+        );
+        // The policy still compares equal to a clone sharing the same labels.
+        assert_eq!(policy.clone(), policy);
     }
 
     #[test]

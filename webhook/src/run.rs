@@ -1,7 +1,11 @@
 //! Starting the whole webhook: index watch, certificate watch, the TLS admission
-//! server and the metrics server, with shutdown.
+//! server and the metrics server (and, with the API server as store, the crash
+//! watcher), with shutdown.
 
+use crate::crash::{AbortOnDrop, CrashWatcherOptions, run_crash_watcher};
 use crate::index::{SharedIndex, watch_store};
+use crate::kube_index::{KubeIndexOptions, watch_kube};
+use crate::lease::LeaseConfig;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::review::Admission;
@@ -11,11 +15,42 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Where the webhook's index comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSource {
+    /// The embedded store, a directory (watched, and polled as a backstop).
+    Dir(PathBuf),
+    /// The API server (`--store kube://`): reflectors on WorkloadProfiles,
+    /// ProfileInstallations and Namespaces, with the client from the usual
+    /// kubeconfig or in-cluster environment.
+    Kube {
+        /// The webhook's own namespace: the node installers'
+        /// `ProfileInstallation`s and the crash watcher's Lease are there.
+        installer_namespace: String,
+        /// This replica's identity in the crash watcher's Lease (the pod name).
+        replica: String,
+    },
+}
+
+impl From<PathBuf> for StoreSource {
+    /// A store directory (use [`StoreSource::Kube`] for the API server).
+    fn from(dir: PathBuf) -> Self {
+        StoreSource::Dir(dir)
+    }
+}
+
+impl From<String> for StoreSource {
+    /// A store directory (use [`StoreSource::Kube`] for the API server).
+    fn from(dir: String) -> Self {
+        StoreSource::Dir(dir.into())
+    }
+}
+
 /// How to run the webhook.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// The profile store directory.
-    pub store: PathBuf,
+    /// Where profiles come from.
+    pub store: StoreSource,
     /// Serving certificate (PEM chain).
     pub tls_cert: PathBuf,
     /// Serving key (PEM).
@@ -34,7 +69,8 @@ pub struct ServeOptions {
     pub drain: Duration,
     /// Certificate poll backstop.
     pub cert_poll: Duration,
-    /// Store poll backstop.
+    /// Store poll backstop (with the API server: how often installer heartbeats
+    /// are re-checked).
     pub store_poll: Duration,
 }
 
@@ -44,6 +80,9 @@ pub enum StartError {
     /// The store cannot be opened.
     #[error(transparent)]
     Store(#[from] profile_store::StoreError),
+    /// No Kubernetes client could be configured (`--store kube://`).
+    #[error("cannot configure a Kubernetes client for --store kube:// (kubeconfig or in-cluster service account): {0}")]
+    Kube(#[source] kube::Error),
     /// The certificate cannot be loaded.
     #[error(transparent)]
     Cert(#[from] certs::CertError),
@@ -94,20 +133,58 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
+/// An opened index source, before its watch starts.
+enum Source {
+    Dir(profile_store::FsStore),
+    // Boxed: built once, and much larger than the directory store.
+    Kube(Box<KubeSource>),
+}
+
+/// What `--store kube://` runs besides the server.
+struct KubeSource {
+    client: kube::Client,
+    live: crate::policy::LiveNamespaces,
+    index: KubeIndexOptions,
+    crash: CrashWatcherOptions,
+}
+
 /// Starts the webhook on the current tokio runtime.
 pub async fn start(opts: ServeOptions) -> Result<Running, StartError> {
-    let store = profile_store::FsStore::open(&opts.store)?;
     let metrics = Metrics::default();
     let index = Arc::new(SharedIndex::default());
-    // A first load before serving, so the webhook is ready at once when it can be.
-    if let Err(e) = index.refresh(&store) {
-        metrics.index_load_failures.inc();
-        tracing::warn!(error = %e, "profile index not loaded yet; not ready until it is");
-    }
+    let mut policy = opts.policy.clone();
+    let source = match &opts.store {
+        StoreSource::Dir(dir) => {
+            let store = profile_store::FsStore::open(dir)?;
+            // A first load before serving, so the webhook is ready at once when it can be.
+            if let Err(e) = index.refresh(&store) {
+                metrics.index_load_failures.inc();
+                tracing::warn!(error = %e, "profile index not loaded yet; not ready until it is");
+            }
+            Source::Dir(store)
+        }
+        StoreSource::Kube {
+            installer_namespace,
+            replica,
+        } => {
+            let client = kube::Client::try_default().await.map_err(StartError::Kube)?;
+            let live = crate::policy::LiveNamespaces::default();
+            policy.live_namespaces = Some(live.clone());
+            Source::Kube(Box::new(KubeSource {
+                client,
+                live,
+                index: KubeIndexOptions::new(&policy, installer_namespace.clone(), opts.store_poll),
+                crash: CrashWatcherOptions {
+                    lease: LeaseConfig::crash_watcher(installer_namespace, replica),
+                    metrics: metrics.clone(),
+                },
+            }))
+        }
+    };
     let resolver = certs::ReloadingResolver::new(&opts.tls_cert, &opts.tls_key, metrics.certs.clone())?;
     let tls = Arc::new(certs::tls::server_config(resolver.clone(), opts.client_ca.as_deref())?);
     let admission = Arc::new(Admission {
-        policy: opts.policy.clone(),
+        policy,
         index: index.clone(),
         metrics: metrics.clone(),
     });
@@ -127,7 +204,28 @@ pub async fn start(opts: ServeOptions) -> Result<Running, StartError> {
     let mut metrics_rx = rx.clone();
     let (store_poll, cert_poll, drain) = (opts.store_poll, opts.cert_poll, opts.drain);
     let done = tokio::spawn(async move {
-        let _store_watch = watch_store(index, store, store_poll, metrics);
+        // Held for their Drop: the watches stop with the server.
+        let (_store_watch, _crash_watcher): (Box<dyn Send>, Option<AbortOnDrop>) = match source {
+            Source::Dir(store) => (Box::new(watch_store(index, store, store_poll, metrics)), None),
+            Source::Kube(kube) => {
+                let KubeSource {
+                    client,
+                    live,
+                    index: index_opts,
+                    crash,
+                } = *kube;
+                // The crash watcher acts on the replica holding its Lease; the
+                // others only keep their caches warm to take over.
+                let crash_client = client.clone();
+                let crash_watcher = tokio::spawn(async move {
+                    if let Err(e) = run_crash_watcher(crash_client, crash).await {
+                        tracing::error!(error = %e, "crash watcher stopped: seccomp crashes no longer put workloads into fallback");
+                    }
+                });
+                let watch = watch_kube(client, index, live, index_opts, metrics);
+                (Box::new(watch), Some(AbortOnDrop(crash_watcher)))
+            }
+        };
         let _cert_watch = resolver.watch(cert_poll);
         let metrics_server = tokio::spawn(serve_plain(metrics_listener, metrics_app, async move {
             let _ = metrics_rx.wait_for(|stop| *stop).await;
