@@ -113,7 +113,7 @@ start_tether() { # store name -> sets PORT, PID
     metrics=$(free_port)
     "$TETHER" serve --store "$store" --tls-cert "$BENCH_DIR/pki/tls.crt" --tls-key "$BENCH_DIR/pki/tls.key" \
         --listen "127.0.0.1:$PORT" --metrics-listen "127.0.0.1:$metrics" --default-mode enforce \
-        --drain-seconds 1 >"$BENCH_DIR/$name.log" 2>&1 &
+        --drain-seconds 1 --log-level info --log-format json >"$BENCH_DIR/$name.log" 2>&1 &
     PID=$!
     PIDS+=("$PID")
     wait_ready "http://127.0.0.1:$metrics/readyz" "$name"
