@@ -80,9 +80,10 @@ pub enum StartError {
     /// The store cannot be opened.
     #[error(transparent)]
     Store(#[from] profile_store::StoreError),
-    /// No Kubernetes client could be configured (`--store kube://`).
+    /// No Kubernetes client could be configured (`--store kube://`). The cause is
+    /// in the message only: kube's own error already repeats its chain.
     #[error("cannot configure a Kubernetes client for --store kube:// (kubeconfig or in-cluster service account): {0}")]
-    Kube(#[source] kube::Error),
+    Kube(kube::Error),
     /// The certificate cannot be loaded.
     #[error(transparent)]
     Cert(#[from] certs::CertError),
