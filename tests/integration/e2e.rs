@@ -690,7 +690,7 @@ async fn webhook_injects_and_the_crash_watcher_falls_back_on_a_real_cluster() {
     let host = webhook_host(&config);
     let port = free_port();
     let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let pki = certs::generate::for_service("tether-e2e", &system, &[host.clone()], 1).unwrap();
+    let pki = certs::generate::for_service("tether-e2e", &system, std::slice::from_ref(&host), 1).unwrap();
     let pki_dir = dir.path().join("pki");
     pki.write(&pki_dir, false).unwrap();
     let policy = dir.path().join("policy.yaml");
