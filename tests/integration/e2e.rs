@@ -622,6 +622,9 @@ async fn webhook_injects_and_the_crash_watcher_falls_back_on_a_real_cluster() {
     let Some((client, kubeconfig)) = cluster().await else {
         return;
     };
+    // Before the guard, so it outlives it: the guard prints the webhook's log
+    // from here when a step failed.
+    let dir = tempfile::tempdir().unwrap();
     let mut cleanup = Cleanup::new(&kubeconfig);
     let config = {
         let k = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
@@ -658,7 +661,6 @@ async fn webhook_injects_and_the_crash_watcher_falls_back_on_a_real_cluster() {
     }
 
     // Profiles, stored as `tether build` stores them.
-    let dir = tempfile::tempdir().unwrap();
     let events = probe_fixture(&[&enforce, &dry_run, &exempting], dir.path());
     let key = WorkloadKey::new(&enforce, "Pod", PROBE, PROBE).unwrap();
     let version = {
