@@ -308,6 +308,38 @@ fn serve_command(
     cmd
 }
 
+/// The suite's webhook configurations `name`: the local webhook at `base`
+/// (`https://HOST:PORT`) trusted through `ca_pem`, for pod CREATEs in the
+/// namespaces labelled `tether.dev/e2e=<run>` only, failing closed.
+fn webhook_configurations(
+    name: &str,
+    run: &str,
+    base: &str,
+    ca_pem: &str,
+) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
+    let ca_bundle = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ca_pem.as_bytes());
+    let hook = |name: &str, path: &str| {
+        json!({
+            "name": name,
+            "clientConfig": {"url": format!("{base}{path}"), "caBundle": ca_bundle},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchLabels": {"tether.dev/e2e": run}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "timeoutSeconds": 10,
+            "admissionReviewVersions": ["v1"],
+        })
+    };
+    let mut mutate = hook("mutate.e2e.tether.dev", "/mutate");
+    mutate["reinvocationPolicy"] = json!("IfNeeded");
+    let m = serde_json::from_value(json!({"metadata": {"name": name}, "webhooks": [mutate]})).unwrap();
+    let v = serde_json::from_value(json!({
+        "metadata": {"name": name}, "webhooks": [hook("validate.e2e.tether.dev", "/validate")]
+    }))
+    .unwrap();
+    (m, v)
+}
+
 /// The container of the fixture's bare pod `dry-probe`: key
 /// `<ns>/pod/dry-probe/dry-probe` for pods created with generateName `dry-probe-`.
 const PROBE: &str = "dry-probe";
@@ -708,38 +740,22 @@ async fn webhook_injects_and_the_crash_watcher_falls_back_on_a_real_cluster() {
             .spawn()
             .unwrap(),
     );
-    eventually("tether serve /readyz", 60, || async {
-        ready(metrics)
-            .await
-            .then_some(())
-            .ok_or_else(|| "not ready".to_string())
-    })
-    .await;
+    // Ready, or gone (a port taken, a bad flag): then fail at once, with its log.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready(metrics).await {
+        if let Some(Ok(Some(status))) = cleanup.serve.as_mut().map(std::process::Child::try_wait) {
+            panic!("tether serve exited ({status}) before it was ready");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tether serve not ready on {metrics} after 60s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 
-    let base = base_url(&host, port);
-    let ca_bundle = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pki.ca_cert.as_bytes());
-    let hook = |name: &str, path: &str| {
-        json!({
-            "name": name,
-            "clientConfig": {"url": format!("{base}{path}"), "caBundle": ca_bundle},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
-            "namespaceSelector": {"matchLabels": {"tether.dev/e2e": run}},
-            "failurePolicy": "Fail",
-            "sideEffects": "None",
-            "timeoutSeconds": 10,
-            "admissionReviewVersions": ["v1"],
-        })
-    };
     let config_name = format!("tether-e2e-{run}");
     cleanup.webhook_configurations.push(config_name.clone());
-    let mut mutate = hook("mutate.e2e.tether.dev", "/mutate");
-    mutate["reinvocationPolicy"] = json!("IfNeeded");
-    let m: MutatingWebhookConfiguration =
-        serde_json::from_value(json!({"metadata": {"name": config_name}, "webhooks": [mutate]})).unwrap();
-    let v: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": config_name}, "webhooks": [hook("validate.e2e.tether.dev", "/validate")]
-    }))
-    .unwrap();
+    let (m, v) = webhook_configurations(&config_name, &run, &base_url(&host, port), &pki.ca_cert);
     Api::<MutatingWebhookConfiguration>::all(client.clone())
         .create(&PostParams::default(), &m)
         .await
@@ -945,6 +961,32 @@ fn webhook_host_refuses_a_loopback_api_server_and_says_what_to_set() {
     assert!(err.contains("TETHER_E2E_WEBHOOK_HOST"), "{err}");
     let err = host_towards((std::net::Ipv6Addr::LOCALHOST, 6443).into()).unwrap_err();
     assert!(err.contains("TETHER_E2E_WEBHOOK_HOST"), "{err}");
+}
+
+#[test]
+fn e2e_webhook_configurations_call_the_local_url_with_the_ca_and_select_only_the_run() {
+    let pki = certs::generate::for_service("tether-e2e", "tether-e2e-x-system", &["192.0.2.1".into()], 1).unwrap();
+    let (m, v) = webhook_configurations("tether-e2e-x", "x", "https://192.0.2.1:8443", &pki.ca_cert);
+    let m = m.webhooks.unwrap();
+    let v = v.webhooks.unwrap();
+    assert_eq!((m.len(), v.len()), (1, 1));
+    for (hook, path) in [(&m[0].client_config, "/mutate"), (&v[0].client_config, "/validate")] {
+        assert_eq!(
+            hook.url.as_deref(),
+            Some(format!("https://192.0.2.1:8443{path}").as_str())
+        );
+        assert_eq!(hook.service, None);
+        assert_eq!(hook.ca_bundle.as_ref().unwrap().0, pki.ca_cert.as_bytes());
+    }
+    assert_eq!(m[0].failure_policy.as_deref(), Some("Fail"));
+    assert_eq!(v[0].failure_policy.as_deref(), Some("Fail"));
+    let selector = m[0].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+    assert_eq!(selector.get("tether.dev/e2e").map(String::as_str), Some("x"));
+    assert_eq!(v[0].namespace_selector, m[0].namespace_selector);
+    assert_eq!(
+        m[0].rules.as_ref().unwrap()[0].operations.as_deref(),
+        Some(&["CREATE".to_string()][..])
+    );
 }
 
 #[test]
