@@ -33,12 +33,14 @@ pub(crate) struct ValidateArgs {
     /// Kill a run after this many seconds.
     #[arg(long, env = "TETHER_TIMEOUT", default_value_t = 120)]
     timeout: u64,
-    /// With --key: when the probe finds syscalls the profile lacks, merge them into
-    /// the baseline, render a new draft version, and validate that one.
+    /// With --key: when the probe (or the --read-trace trace) shows syscalls the
+    /// profile lacks, merge them into the baseline, render a new draft version, and
+    /// validate that one.
     #[arg(long, env = "TETHER_UPDATE", requires = "key")]
     update: bool,
     /// Instead of running anything: print the Job that replays this pod's containers
-    /// in a staging namespace (`kubectl apply -f -`).
+    /// in a staging namespace (`kubectl apply -f -`); each container's log is its
+    /// trace, for --read-trace.
     #[arg(long, value_name = "FILE.yaml", conflicts_with_all = ["profile", "key"])]
     pod: Option<PathBuf>,
     /// The staging namespace for --pod.
