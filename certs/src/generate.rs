@@ -92,7 +92,8 @@ pub enum Usage {
 }
 
 /// A certificate signed by the CA (`ca_cert`, `ca_key` as PEM): for `Server`, `names`
-/// are its DNS SANs (the first is also the CN); for `Client`, `names[0]` is the CN.
+/// are its SANs, each an IP address SAN when it parses as one (a webhook registered
+/// by `url: https://IP:PORT/...`) and a DNS SAN otherwise (the first is also the CN); for `Client`, `names[0]` is the CN.
 /// Returns (certificate PEM, key PEM).
 pub fn issue(
     ca_cert: &str,
@@ -124,7 +125,7 @@ pub fn issue(
 }
 
 /// A CA and a serving certificate for the Service `service` in `namespace`, with the
-/// SANs of [`service_sans`].
+/// SANs of [`service_sans`] (`extra_sans` may hold IP addresses: see [`issue`]).
 pub fn for_service(service: &str, namespace: &str, extra_sans: &[String], days: u32) -> Result<Pki, CertError> {
     let validity = Validity::days(days);
     let (ca_cert, ca_key) = new_ca(&format!("tether webhook CA ({namespace}/{service})"), validity)?;
@@ -229,6 +230,34 @@ mod tests {
         cert.verify_signature(Some(ca.public_key())).unwrap();
         let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()) / 86_400;
         assert_eq!(days, 30);
+    }
+
+    #[test]
+    fn an_extra_san_that_is_an_ip_address_becomes_an_ip_san() {
+        let pki = for_service(
+            "tether-webhook",
+            "tether-system",
+            &["192.168.49.1".into(), "fd00::1".into(), "host.example".into()],
+            1,
+        )
+        .unwrap();
+        let der = parse(&pki.cert);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let names = &cert.subject_alternative_name().unwrap().unwrap().value.general_names;
+        let ips: Vec<&[u8]> = names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::IPAddress(ip) => Some(*ip),
+                _ => None,
+            })
+            .collect();
+        let v6: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
+        assert_eq!(ips, [&[192u8, 168, 49, 1][..], &v6.octets()[..]]);
+        assert!(names.iter().any(|n| matches!(n, GeneralName::DNSName("host.example"))));
+        assert!(
+            !names.iter().any(|n| matches!(n, GeneralName::DNSName("192.168.49.1"))),
+            "an IP must not be a DNS name: {names:?}"
+        );
     }
 
     #[test]

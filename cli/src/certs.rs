@@ -22,8 +22,9 @@ pub(crate) enum CertsCommand {
         /// Validity of the CA and the certificate, in days.
         #[arg(long, env = "TETHER_CERT_DAYS", default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
         days: u32,
-        /// Extra DNS names for the certificate (repeatable), beyond S, S.N, S.N.svc
-        /// and S.N.svc.cluster.local.
+        /// Extra names for the certificate (repeatable), beyond S, S.N, S.N.svc
+        /// and S.N.svc.cluster.local: DNS names, or IP addresses (an IP SAN, for a
+        /// webhook the API server reaches by `url: https://IP:PORT/...`).
         #[arg(long = "san", env = "TETHER_SANS", value_delimiter = ',', value_name = "NAME")]
         sans: Vec<String>,
         /// Overwrite existing files.

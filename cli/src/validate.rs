@@ -33,12 +33,14 @@ pub(crate) struct ValidateArgs {
     /// Kill a run after this many seconds.
     #[arg(long, env = "TETHER_TIMEOUT", default_value_t = 120)]
     timeout: u64,
-    /// With --key: when the probe finds syscalls the profile lacks, merge them into
-    /// the baseline, render a new draft version, and validate that one.
+    /// With --key: when the probe (or the --read-trace trace) shows syscalls the
+    /// profile lacks, merge them into the baseline, render a new draft version, and
+    /// validate that one.
     #[arg(long, env = "TETHER_UPDATE", requires = "key")]
     update: bool,
     /// Instead of running anything: print the Job that replays this pod's containers
-    /// in a staging namespace (`kubectl apply -f -`).
+    /// in a staging namespace (`kubectl apply -f -`); each container's log is its
+    /// trace, for --read-trace.
     #[arg(long, value_name = "FILE.yaml", conflicts_with_all = ["profile", "key"])]
     pod: Option<PathBuf>,
     /// The staging namespace for --pod.
@@ -47,6 +49,12 @@ pub(crate) struct ValidateArgs {
     /// For --pod: an image with a static strace at /strace.
     #[arg(long, env = "TETHER_STRACE_IMAGE", value_name = "IMAGE")]
     strace_image: Option<String>,
+    /// Instead of running anything: judge the trace a staging Job wrote (the
+    /// `strace -f` output of a container of the Job `--pod` printed, as
+    /// `kubectl logs job/NAME -c CONTAINER` shows it; `-` for stdin) against
+    /// --profile FILE or --key KEY's active version.
+    #[arg(long, value_name = "FILE|-", conflicts_with_all = ["pod", "command"])]
+    read_trace: Option<PathBuf>,
     /// The command to replay, after `--`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -89,36 +97,19 @@ pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
     if let Some(pod) = &args.pod {
         return job(&args, pod).map(|()| ExitCode::SUCCESS);
     }
+    let Some((profile, target)) = target(&args)? else {
+        eprintln!("error: say which profile: --profile FILE, or --key KEY --store DIR");
+        return Ok(ExitCode::from(EXIT_USAGE));
+    };
+    if let Some(source) = &args.read_trace {
+        return read_trace(&args, source, &profile, target);
+    }
     let runtime = match args.runtime {
         Some(r) => r,
         None if validator::runc_path().is_ok() => Runtime::Runc,
         None => Runtime::Process,
     };
-    let (profile, target) = match (&args.profile, &args.key) {
-        (Some(path), None) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            (
-                parse_profile(&text).with_context(|| format!("{}", path.display()))?,
-                None,
-            )
-        }
-        (None, Some(key)) => {
-            let here = crate::StoreLocation::Dir(".".into());
-            let store = args.store.as_ref().unwrap_or(&here).open(false)?;
-            let record = store
-                .record(key)?
-                .ok_or_else(|| profile_store::StoreError::UnknownWorkload { key: key.clone() })?;
-            let Some(active) = record.active() else {
-                bail!("{key} has no version yet; run `tether build` first");
-            };
-            let version = active.version.clone();
-            (store.profile(key, &version)?, Some((store, key.clone(), version)))
-        }
-        _ => {
-            eprintln!("error: say which profile: --profile FILE, or --key KEY --store DIR");
-            return Ok(ExitCode::from(EXIT_USAGE));
-        }
-    };
+
     let timeout = Duration::from_secs(args.timeout.max(1));
     // This binary is the observer: it has the hidden `__exec-confined` subcommand.
     // Without a path to it, the report says returns were not observed.
@@ -140,15 +131,36 @@ pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
     if !args.update {
         return Ok(ExitCode::from(EXIT_BREAKS));
     }
-    // The baseline learns from staging: merge the probe's syscalls and try again.
+    let Some((new_profile, new)) = learn(store.as_ref(), &key, &usage)? else {
+        return Ok(ExitCode::from(EXIT_BREAKS));
+    };
+    let (second, _) = match validator::validate(&args.command, &new_profile, runtime, timeout, exe.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return Ok(environment_error(e)),
+    };
+    print(&second, args.json)?;
+    if second.pass {
+        mark_validated(store.as_ref(), &key, &new)?;
+        eprintln!("{key}: version {new} is Validated");
+    }
+    Ok(verdict(second.pass))
+}
+
+/// The baseline learns from staging: merges `usage` into `key`'s baseline and
+/// renders a new draft version; returns it, or `None` when nothing was rendered.
+fn learn(
+    store: &dyn ProfileStore,
+    key: &WorkloadKey,
+    usage: &validator::trace::Usage,
+) -> Result<Option<(SeccompProfile, Version)>> {
     let mut rendered = None;
-    store.update(&key, &mut |record| {
+    store.update(key, &mut |record| {
         record.baseline.merge(&usage.to_baseline(key.clone(), Abi::host()));
-        rendered = Some(rerender(store.as_ref(), record, jiff::Timestamp::now())?);
+        rendered = Some(rerender(store, record, jiff::Timestamp::now())?);
         Ok(())
     })?;
     let Some(outcome) = rendered else {
-        return Ok(ExitCode::from(EXIT_BREAKS));
+        return Ok(None);
     };
     if !outcome.rendered.needs_review.is_empty() {
         eprintln!(
@@ -161,22 +173,100 @@ pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
         "{key}: new draft version {new} (+{}); validating it",
         outcome.added.join(" +")
     );
-    let (second, _) = match validator::validate(
-        &args.command,
-        &outcome.rendered.profile,
-        runtime,
-        timeout,
-        exe.as_deref(),
-    ) {
-        Ok(r) => r,
-        Err(e) => return Ok(environment_error(e)),
+    Ok(Some((outcome.rendered.profile, new)))
+}
+
+/// `--read-trace`: judges a staging Job's trace against the profile; with
+/// `--update` and a store, a failing trace teaches the baseline and the new
+/// draft is judged against the same trace. Exit codes as a local run's.
+fn read_trace(
+    args: &ValidateArgs,
+    source: &std::path::Path,
+    profile: &SeccompProfile,
+    target: Option<Target>,
+) -> Result<ExitCode> {
+    let (name, text) = if source.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading the trace from stdin")?;
+        ("-".to_string(), text)
+    } else {
+        let bytes = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
+        (
+            source.display().to_string(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
     };
-    print(&second, args.json)?;
+    // The node's ABI is taken to be this host's: strace names syscalls, so only
+    // the baseline's ABI tag depends on it.
+    let usage = validator::readback::usage_of(&text, Abi::host());
+    let report = match validator::readback::judge_trace(&name, &usage, profile) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    print_trace(&report, args.json)?;
+    let Some((store, key, version)) = target else {
+        return Ok(verdict(report.pass));
+    };
+    if report.pass {
+        mark_validated(store.as_ref(), &key, &version)?;
+        eprintln!("{key}: version {version} is Validated");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.update {
+        return Ok(ExitCode::from(EXIT_BREAKS));
+    }
+    let Some((new_profile, new)) = learn(store.as_ref(), &key, &usage)? else {
+        return Ok(ExitCode::from(EXIT_BREAKS));
+    };
+    let second = validator::readback::judge_trace(&name, &usage, &new_profile)?;
+    print_trace(&second, args.json)?;
     if second.pass {
         mark_validated(store.as_ref(), &key, &new)?;
         eprintln!("{key}: version {new} is Validated");
     }
     Ok(verdict(second.pass))
+}
+
+fn print_trace(report: &validator::readback::TraceReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(())
+}
+
+/// A store, a workload in it, and the version checked.
+type Target = (crate::DynStore, WorkloadKey, Version);
+
+/// The profile to check, and where it came from when it is a store's; `None`
+/// when the invocation names none.
+fn target(args: &ValidateArgs) -> Result<Option<(SeccompProfile, Option<Target>)>> {
+    Ok(match (&args.profile, &args.key) {
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some((
+                parse_profile(&text).with_context(|| format!("{}", path.display()))?,
+                None,
+            ))
+        }
+        (None, Some(key)) => {
+            let here = crate::StoreLocation::Dir(".".into());
+            let store = args.store.as_ref().unwrap_or(&here).open(false)?;
+            let record = store
+                .record(key)?
+                .ok_or_else(|| profile_store::StoreError::UnknownWorkload { key: key.clone() })?;
+            let Some(active) = record.active() else {
+                bail!("{key} has no version yet; run `tether build` first");
+            };
+            let version = active.version.clone();
+            Some((store.profile(key, &version)?, Some((store, key.clone(), version))))
+        }
+        _ => None,
+    })
 }
 
 fn verdict(pass: bool) -> ExitCode {

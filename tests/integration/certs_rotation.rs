@@ -287,3 +287,31 @@ async fn only_tls_1_2_and_1_3_and_alpn_offers_h2_and_http_1_1() {
     assert!(v13.1.contains("TLSv1.3"), "{}", v13.1);
     assert!(v13.1.contains("ALPN protocol: h2"), "{}", v13.1);
 }
+
+/// The e2e suite registers its local webhook by `url: https://IP:PORT/mutate`:
+/// an HTTPS client reaching the server by IP accepts a certificate with that IP
+/// SAN, and refuses one with only DNS names.
+#[tokio::test]
+async fn a_certificate_with_an_ip_san_is_accepted_by_a_client_dialing_that_ip() {
+    for (sans, accepted) in [
+        (vec!["127.0.0.1".to_string()], true),
+        (vec!["localhost".to_string()], false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = for_service("tether-webhook", "tether-e2e", &sans, 1).unwrap();
+        pki.write(dir.path(), false).unwrap();
+        let resolver = ReloadingResolver::new(
+            &dir.path().join("tls.crt"),
+            &dir.path().join("tls.key"),
+            CertMetrics::default(),
+        )
+        .unwrap();
+        let server = serve(certs::tls::server_config(resolver, None).unwrap()).await;
+        let url = format!("https://127.0.0.1:{}/mutate", server.addr.port());
+        let got = client(client_config(&pki.ca_cert, None), false).get(&url).send().await;
+        assert_eq!(got.is_ok(), accepted, "SANs {sans:?}: {got:?}");
+        if let Ok(resp) = got {
+            assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        }
+    }
+}

@@ -8,7 +8,9 @@ use serde_json::json;
 
 async fn cluster() -> Option<(kube::Client, String)> {
     let Ok(path) = std::env::var("TETHER_E2E_KUBECONFIG") else {
-        eprintln!("TETHER_E2E_KUBECONFIG is not set: skipping the real-cluster test");
+        let thread = std::thread::current();
+        let test = thread.name().unwrap_or("this test");
+        eprintln!("TETHER_E2E_KUBECONFIG is not set: skipping the real-cluster test {test}");
         return None;
     };
     let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
@@ -231,4 +233,839 @@ async fn build_and_profiles_work_against_the_kube_store() {
     if let Err(e) = steps {
         std::panic::resume_unwind(e.into_panic());
     }
+}
+
+// ---------------------------------------------------------------------------
+// The admission webhook and the crash watcher against a real API server.
+//
+// `tether serve --store kube://` runs here, as a local process; the test
+// registers webhook configurations that send the API server to it by
+// `url: https://HOST:PORT/{mutate,validate}` with the test's own CA as
+// caBundle. HOST is `TETHER_E2E_WEBHOOK_HOST` (an IP or a DNS name the API
+// server can reach this machine by), by default this machine's address on the
+// route to the API server. The certificate has HOST as SAN (an IP SAN for an
+// IP). The configurations select only the test's namespaces (label
+// `tether.dev/e2e: <run>`), with `failurePolicy: Fail` so a webhook the API
+// server cannot reach fails the test instead of passing it silently.
+//
+// Pods never run: they name a scheduler that does not exist
+// (`schedulerName`), so no node binds them, no image is pulled, and no kubelet
+// ever writes their status: the test writes it itself (status subresource).
+// For the same reason the webhook runs with `installGate: none`: no node will
+// ever need the profile files, and gating on a ProfileInstallation made up for
+// a node that does not exist would test made-up data (the gate has its own
+// tests against a scripted API server, webhook/src/kube_index.rs).
+// ---------------------------------------------------------------------------
+
+/// The local webhook's policy: `off` outside the labelled namespaces (even if
+/// a selector were wrong), no install gate (see above).
+const E2E_POLICY: &str = "defaultMode: off\nonMissing: skip\ninstallGate: none\n";
+
+/// `tether serve` as the suite runs it: the kube store, the crash watcher's
+/// Lease in `system`, admission on all interfaces at `port` (the API server
+/// calls it from outside), metrics and `/readyz` on `metrics`.
+fn serve_command(
+    kubeconfig: &str,
+    system: &str,
+    run: &str,
+    pki: &std::path::Path,
+    port: u16,
+    metrics: std::net::SocketAddr,
+    policy: &std::path::Path,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.args([
+        "serve",
+        "--store",
+        "kube://",
+        "--installer-namespace",
+        system,
+        "--replica-name",
+        &format!("e2e-{run}"),
+        "--tls-cert",
+        pki.join("tls.crt").to_str().unwrap(),
+        "--tls-key",
+        pki.join("tls.key").to_str().unwrap(),
+        "--listen",
+        &format!("0.0.0.0:{port}"),
+        "--metrics-listen",
+        &metrics.to_string(),
+        "--config",
+        policy.to_str().unwrap(),
+        "--poll-seconds",
+        "1",
+        "--log-level",
+        "info",
+    ]);
+    // The suite's own settings (TETHER_E2E_*) and a developer's TETHER_* must
+    // not steer the webhook.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TETHER_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("KUBECONFIG", kubeconfig).stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// The suite's webhook configurations `name`: the local webhook at `base`
+/// (`https://HOST:PORT`) trusted through `ca_pem`, for pod CREATEs in the
+/// namespaces labelled `tether.dev/e2e=<run>` only, failing closed.
+fn webhook_configurations(
+    name: &str,
+    run: &str,
+    base: &str,
+    ca_pem: &str,
+) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
+    let ca_bundle = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ca_pem.as_bytes());
+    let hook = |name: &str, path: &str| {
+        json!({
+            "name": name,
+            "clientConfig": {"url": format!("{base}{path}"), "caBundle": ca_bundle},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchLabels": {"tether.dev/e2e": run}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "timeoutSeconds": 10,
+            "admissionReviewVersions": ["v1"],
+        })
+    };
+    let mut mutate = hook("mutate.e2e.tether.dev", "/mutate");
+    mutate["reinvocationPolicy"] = json!("IfNeeded");
+    let m = serde_json::from_value(json!({"metadata": {"name": name}, "webhooks": [mutate]})).unwrap();
+    let v = serde_json::from_value(json!({
+        "metadata": {"name": name}, "webhooks": [hook("validate.e2e.tether.dev", "/validate")]
+    }))
+    .unwrap();
+    (m, v)
+}
+
+/// The container of the fixture's bare pod `dry-probe`: key
+/// `<ns>/pod/dry-probe/dry-probe` for pods created with generateName `dry-probe-`.
+const PROBE: &str = "dry-probe";
+
+/// Everything a run created, deleted on drop, so a failed assertion (a panic)
+/// still cleans up: webhook configurations first (nothing may call a webhook
+/// that is going away), then the local webhook process, the namespaces (with
+/// the WorkloadProfiles, pods, Events and the crash watcher's Lease in them), and
+/// the CRDs only if this run installed them.
+struct Cleanup {
+    kubeconfig: String,
+    webhook_configurations: Vec<String>,
+    namespaces: Vec<String>,
+    crds: Vec<String>,
+    serve: Option<std::process::Child>,
+    serve_log: Option<std::path::PathBuf>,
+}
+
+impl Cleanup {
+    fn new(kubeconfig: &str) -> Cleanup {
+        Cleanup {
+            kubeconfig: kubeconfig.to_string(),
+            webhook_configurations: Vec::new(),
+            namespaces: Vec::new(),
+            crds: Vec::new(),
+            serve: None,
+            serve_log: None,
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        use k8s_openapi::api::core::v1::Namespace;
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        // Drop may run on a runtime thread (unwinding from an assertion): the
+        // deletes run on a thread of their own, with a client of their own.
+        let kubeconfig = self.kubeconfig.clone();
+        let configurations = std::mem::take(&mut self.webhook_configurations);
+        let deleted = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = connect(&kubeconfig).await;
+                let dp = DeleteParams::background();
+                let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+                let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+                for name in &configurations {
+                    report_delete("MutatingWebhookConfiguration", name, mutating.delete(name, &dp).await);
+                    report_delete(
+                        "ValidatingWebhookConfiguration",
+                        name,
+                        validating.delete(name, &dp).await,
+                    );
+                }
+            })
+        })
+        .join();
+        if deleted.is_err() {
+            eprintln!("e2e cleanup: deleting the webhook configurations failed; delete them by hand");
+        }
+        if let Some(mut child) = self.serve.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let kubeconfig = self.kubeconfig.clone();
+        let namespaces = std::mem::take(&mut self.namespaces);
+        let crds = std::mem::take(&mut self.crds);
+        let deleted = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = connect(&kubeconfig).await;
+                let dp = DeleteParams::background();
+                let api: Api<Namespace> = Api::all(client.clone());
+                for name in &namespaces {
+                    report_delete("Namespace", name, api.delete(name, &dp).await);
+                }
+                let api: Api<CustomResourceDefinition> = Api::all(client);
+                for name in &crds {
+                    report_delete("CustomResourceDefinition", name, api.delete(name, &dp).await);
+                }
+            })
+        })
+        .join();
+        if deleted.is_err() {
+            eprintln!("e2e cleanup: deleting the namespaces or CRDs failed; delete them by hand");
+        }
+        if std::thread::panicking()
+            && let Some(log) = &self.serve_log
+        {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("--- tether serve (last 40 lines) ---\n{}", tail.join("\n"));
+        }
+    }
+}
+
+fn report_delete<T>(kind: &str, name: &str, result: Result<T, kube::Error>) {
+    match result {
+        Ok(_) => eprintln!("e2e cleanup: deleted {kind} {name}"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => eprintln!("e2e cleanup: cannot delete {kind} {name}: {e}"),
+    }
+}
+
+async fn connect(kubeconfig: &str) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+/// The address this machine has on the route to `api_server`: what the API
+/// server can reach it by, unless the API server is on this machine's
+/// loopback (kind and minikube publish theirs there), which the API server
+/// cannot call back to: then `TETHER_E2E_WEBHOOK_HOST` must say.
+fn host_towards(api_server: std::net::SocketAddr) -> Result<std::net::IpAddr, String> {
+    if api_server.ip().is_loopback() {
+        return Err(format!(
+            "the API server is at {api_server}, on this machine's loopback, where it cannot reach a webhook on this machine: set TETHER_E2E_WEBHOOK_HOST to this machine's address as the cluster sees it (kind: the gateway of the `kind` docker network, `docker network inspect kind -f '{{{{(index .IPAM.Config 0).Gateway}}}}'`; minikube: `minikube ssh grep host.minikube.internal /etc/hosts`)"
+        ));
+    }
+    let bind: std::net::SocketAddr = if api_server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    // A UDP connect sends nothing: it only makes the kernel pick the route.
+    let socket = std::net::UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    socket
+        .connect(api_server)
+        .map_err(|e| format!("no route to the API server at {api_server}: {e}"))?;
+    socket.local_addr().map(|a| a.ip()).map_err(|e| e.to_string())
+}
+
+/// `TETHER_E2E_WEBHOOK_HOST`, or [`host_towards`] the API server of `config`.
+fn webhook_host(config: &kube::Config) -> String {
+    if let Ok(host) = std::env::var("TETHER_E2E_WEBHOOK_HOST")
+        && !host.is_empty()
+    {
+        return host;
+    }
+    use std::net::ToSocketAddrs;
+    let url = &config.cluster_url;
+    let host = url
+        .host()
+        .unwrap_or("localhost")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = url.port_u16().unwrap_or(443);
+    let addr = (host, port)
+        .to_socket_addrs()
+        .unwrap_or_else(|e| panic!("cannot resolve the API server {url}: {e}"))
+        .next()
+        .unwrap_or_else(|| panic!("the API server {url} resolves to nothing"));
+    host_towards(addr).unwrap_or_else(|e| panic!("{e}")).to_string()
+}
+
+/// `https://HOST:PORT` with an IPv6 HOST in brackets.
+fn base_url(host: &str, port: u16) -> String {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("https://[{host}]:{port}")
+    } else {
+        format!("https://{host}:{port}")
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether `GET /readyz` on `addr` (plain HTTP) answers 200.
+async fn ready(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let request = "GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    if tcp.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer).await;
+    answer.starts_with(b"HTTP/1.1 200")
+}
+
+/// Polls `check` every half second until it gives a value, for up to `secs`;
+/// a time-out names what was awaited and the last thing `check` said.
+async fn eventually<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let last = match check().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}; last: {last}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// A pod of the fixture's `dry-probe` workload that no node ever runs.
+fn probe_pod(annotations: serde_json::Value) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(json!({
+        "metadata": {"generateName": format!("{PROBE}-"), "annotations": annotations},
+        "spec": {
+            "schedulerName": "tether-e2e-no-such-scheduler",
+            "containers": [{"name": PROBE, "image": "registry.k8s.io/pause:3.10"}],
+        },
+    }))
+    .unwrap()
+}
+
+fn seccomp_of(pod: &k8s_openapi::api::core::v1::Pod) -> Option<k8s_openapi::api::core::v1::SeccompProfile> {
+    pod.spec.as_ref()?.containers[0]
+        .security_context
+        .as_ref()?
+        .seccomp_profile
+        .clone()
+}
+
+fn annotation(pod: &k8s_openapi::api::core::v1::Pod, key: &str) -> Option<String> {
+    pod.metadata.annotations.as_ref()?.get(key).cloned()
+}
+
+fn tether_annotations(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
+    pod.metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with("tether.dev/"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
+}
+
+/// Installs the CRDs that are absent (recording them for clean-up) and waits
+/// until they are served.
+async fn install_crds(client: &kube::Client, cleanup: &mut Cleanup) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::core::CustomResourceExt;
+    use profile_store::crd::{ProfileInstallation, WorkloadProfile};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in [WorkloadProfile::crd(), ProfileInstallation::crd()] {
+        let name = crd.metadata.name.clone().unwrap();
+        if crds.get_opt(&name).await.unwrap().is_some() {
+            continue;
+        }
+        cleanup.crds.push(name.clone());
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+        eventually(&format!("CRD {name} Established"), 60, || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let got = crds.get(&name).await.map_err(|e| e.to_string())?;
+                got.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+                    .ok_or_else(|| "not Established yet".to_string())
+            }
+        })
+        .await;
+    }
+}
+
+/// The demo fixture's `dry-probe` lines, once per namespace in `namespaces`.
+fn probe_fixture(namespaces: &[&str], dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(crate::common::data("demo/shop-events.jsonl")).unwrap();
+    let mut out = String::new();
+    for ns in namespaces {
+        for line in text.lines().filter(|l| l.contains(&format!("\"name\":\"{PROBE}\""))) {
+            out.push_str(&line.replace("\"namespace\":\"shop\"", &format!("\"namespace\":\"{ns}\"")));
+            out.push('\n');
+        }
+    }
+    assert!(!out.is_empty(), "the demo fixture has no {PROBE} lines");
+    let path = dir.join("events.jsonl");
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+/// The whole admission path on a real cluster: profiles stored with `tether
+/// build --store kube://`, injected by a local `tether serve` the API server
+/// calls, dry-run and exemptions honored, and a container that exited 159 put
+/// into fallback by the crash watcher, with the next pod getting the fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_injects_and_the_crash_watcher_falls_back_on_a_real_cluster() {
+    use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+    use kube::api::{ListParams, Patch, PatchParams};
+    use profile_store::WorkloadKey;
+    use profile_store::crd::WorkloadProfile;
+
+    let Some((client, kubeconfig)) = cluster().await else {
+        return;
+    };
+    // Before the guard, so it outlives it: the guard prints the webhook's log
+    // from here when a step failed.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::new(&kubeconfig);
+    let config = {
+        let k = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+        kube::Config::from_custom_kubeconfig(k, &Default::default())
+            .await
+            .unwrap()
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let run = format!("{:08x}", nanos ^ std::process::id());
+    let system = format!("tether-e2e-{run}-system");
+    let enforce = format!("tether-e2e-{run}-enforce");
+    let dry_run = format!("tether-e2e-{run}-dry-run");
+    let exempting = format!("tether-e2e-{run}-exempting");
+
+    install_crds(&client, &mut cleanup).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for (name, labels) in [
+        (&system, json!({})),
+        (&enforce, json!({"tether.dev/mode": "enforce"})),
+        (&dry_run, json!({"tether.dev/mode": "dry-run"})),
+        (
+            &exempting,
+            json!({"tether.dev/mode": "enforce", "tether.dev/allow-exemptions": "true"}),
+        ),
+    ] {
+        let mut labels = labels;
+        labels["tether.dev/e2e"] = json!(run);
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+        cleanup.namespaces.push(name.clone());
+        namespaces.create(&PostParams::default(), &ns).await.unwrap();
+    }
+
+    // Profiles, stored as `tether build` stores them.
+    let events = probe_fixture(&[&enforce, &dry_run, &exempting], dir.path());
+    let key = WorkloadKey::new(&enforce, "Pod", PROBE, PROBE).unwrap();
+    let version = {
+        let kubeconfig = kubeconfig.clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let build = tether_kube(
+                &kubeconfig,
+                &["build", "--from", events.to_str().unwrap(), "--store", "kube://"],
+            )
+            .expect_code(0);
+            assert!(build.stdout.contains(&key), "{}", build.stdout);
+            let list = tether_kube(&kubeconfig, &["profiles", "list", "--store", "kube://", "--json"]).expect_code(0);
+            let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+            list.as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["key"] == key.as_str())
+                .and_then(|r| r["active"]["version"].as_str())
+                .unwrap_or_else(|| panic!("{key} has no active version: {list}"))
+                .to_string()
+        })
+        .await
+        .unwrap()
+    };
+    let injected = profile_store::store::localhost_profile(&key, &version.parse().unwrap());
+
+    // The webhook, local, reachable by the API server at HOST:PORT.
+    let host = webhook_host(&config);
+    let port = free_port();
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let pki = certs::generate::for_service("tether-e2e", &system, std::slice::from_ref(&host), 1).unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki.write(&pki_dir, false).unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, E2E_POLICY).unwrap();
+    let log = dir.path().join("serve.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    cleanup.serve_log = Some(log.clone());
+    let mut serve = serve_command(&kubeconfig, &system, &run, &pki_dir, port, metrics, &policy);
+    cleanup.serve = Some(
+        serve
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap(),
+    );
+    // Ready, or gone (a port taken, a bad flag): then fail at once, with its log.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready(metrics).await {
+        if let Some(Ok(Some(status))) = cleanup.serve.as_mut().map(std::process::Child::try_wait) {
+            panic!("tether serve exited ({status}) before it was ready");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tether serve not ready on {metrics} after 60s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+
+    let config_name = format!("tether-e2e-{run}");
+    cleanup.webhook_configurations.push(config_name.clone());
+    let (m, v) = webhook_configurations(&config_name, &run, &base_url(&host, port), &pki.ca_cert);
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .create(&PostParams::default(), &m)
+        .await
+        .unwrap();
+    Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .create(&PostParams::default(), &v)
+        .await
+        .unwrap();
+
+    let enforce_pods: Api<Pod> = Api::namespaced(client.clone(), &enforce);
+    let dry_create = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    // The API server picks up new webhook configurations, and the webhook the
+    // stored profiles, within moments: a dry-run create (no side effects, the
+    // webhooks declare none) shows when both have.
+    let profile_annotation = format!("tether.dev/profile.{PROBE}");
+    eventually(
+        "the API server calling the webhook, and the profile indexed",
+        60,
+        || {
+            let pods = enforce_pods.clone();
+            let dry_create = dry_create.clone();
+            let profile_annotation = profile_annotation.clone();
+            async move {
+                let pod = pods
+                    .create(&dry_create, &probe_pod(json!({})))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                annotation(&pod, &profile_annotation)
+                    .ok_or_else(|| format!("admitted without a profile: {:?}", tether_annotations(&pod)))
+            }
+        },
+    )
+    .await;
+
+    // enforce: the stored pod has the profile and says which version.
+    let first = enforce_pods
+        .create(&PostParams::default(), &probe_pod(json!({})))
+        .await
+        .unwrap();
+    let first_name = first.metadata.name.clone().unwrap();
+    let stored = enforce_pods.get(&first_name).await.unwrap();
+    let profile = seccomp_of(&stored).expect("no seccompProfile on the enforce pod");
+    assert_eq!(profile.type_, "Localhost");
+    assert_eq!(profile.localhost_profile.as_deref(), Some(injected.as_str()));
+    assert_eq!(
+        annotation(&stored, &profile_annotation).as_deref(),
+        Some(version.as_str())
+    );
+    assert_eq!(annotation(&stored, "tether.dev/fallback"), None);
+
+    // enforce without the namespace's permission: an exemption is refused.
+    let refused = enforce_pods
+        .create(&PostParams::default(), &probe_pod(json!({"tether.dev/exempt": "e2e"})))
+        .await
+        .expect_err("an exemption in a namespace that does not allow them was admitted");
+    assert!(
+        refused.to_string().contains("does not allow seccomp exemptions"),
+        "{refused}"
+    );
+
+    // dry-run: the profile exists, and nothing is changed.
+    let dry_pods: Api<Pod> = Api::namespaced(client.clone(), &dry_run);
+    let created = dry_pods
+        .create(&PostParams::default(), &probe_pod(json!({})))
+        .await
+        .unwrap();
+    let stored = dry_pods.get(created.metadata.name.as_deref().unwrap()).await.unwrap();
+    assert_eq!(seccomp_of(&stored), None);
+    assert!(
+        tether_annotations(&stored).is_empty(),
+        "{:?}",
+        tether_annotations(&stored)
+    );
+
+    // exemptions allowed: an exempt pod keeps no profile and says why; a pod
+    // without the annotation next to it gets its profile.
+    let exempt_pods: Api<Pod> = Api::namespaced(client.clone(), &exempting);
+    let created = exempt_pods
+        .create(
+            &PostParams::default(),
+            &probe_pod(json!({"tether.dev/exempt": "e2e debugging"})),
+        )
+        .await
+        .unwrap();
+    let stored = exempt_pods
+        .get(created.metadata.name.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(seccomp_of(&stored), None);
+    assert_eq!(
+        annotation(&stored, "tether.dev/exempted").as_deref(),
+        Some("e2e debugging")
+    );
+    let created = exempt_pods
+        .create(&PostParams::default(), &probe_pod(json!({})))
+        .await
+        .unwrap();
+    let stored = exempt_pods
+        .get(created.metadata.name.as_deref().unwrap())
+        .await
+        .unwrap();
+    let exempting_key = WorkloadKey::new(&exempting, "Pod", PROBE, PROBE).unwrap();
+    assert_eq!(
+        seccomp_of(&stored).and_then(|p| p.localhost_profile),
+        Some(profile_store::store::localhost_profile(
+            &exempting_key,
+            &version.parse().unwrap()
+        ))
+    );
+
+    // The crash: the first enforce pod's container exited 159 (SIGSYS), as a
+    // kubelet would report it.
+    let status = json!({"status": {"containerStatuses": [{
+        "name": PROBE,
+        "image": "registry.k8s.io/pause:3.10",
+        "imageID": "registry.k8s.io/pause@sha256:ee6521f290b2168b6e0935a181d4cff9be1ac3f505666ef0e3c98fae8199917a",
+        "ready": false,
+        "restartCount": 1,
+        "started": false,
+        "state": {"terminated": {"exitCode": 159, "reason": "Error"}},
+    }]}});
+    enforce_pods
+        .patch_status(&first_name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let profiles: Api<WorkloadProfile> = Api::namespaced(client.clone(), &enforce);
+    let object = format!("pod.{PROBE}.{PROBE}");
+    let fallback = eventually("the crash watcher to set the fallback", 60, || {
+        let profiles = profiles.clone();
+        let object = object.clone();
+        async move {
+            let wp = profiles.get(&object).await.map_err(|e| e.to_string())?;
+            wp.status
+                .and_then(|s| s.fallback)
+                .ok_or_else(|| "no fallback yet".to_string())
+        }
+    })
+    .await;
+    assert!(
+        fallback.reason.contains(&first_name) && fallback.reason.contains("159"),
+        "{}",
+        fallback.reason
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &enforce);
+    let event = eventually("the fallback Event on the pod", 30, || {
+        let events = events.clone();
+        let first_name = first_name.clone();
+        async move {
+            let list = events
+                .list(&ListParams::default().fields(&format!("involvedObject.name={first_name}")))
+                .await
+                .map_err(|e| e.to_string())?;
+            let reasons: Vec<Option<String>> = list.items.iter().map(|e| e.reason.clone()).collect();
+            list.items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("SeccompFallback"))
+                .ok_or_else(|| format!("events so far: {reasons:?}"))
+        }
+    })
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+
+    // The next pod of the workload gets the fallback, once the index has it.
+    eventually("the webhook to serve the fallback", 60, || {
+        let pods = enforce_pods.clone();
+        let dry_create = dry_create.clone();
+        async move {
+            let pod = pods
+                .create(&dry_create, &probe_pod(json!({})))
+                .await
+                .map_err(|e| e.to_string())?;
+            annotation(&pod, "tether.dev/fallback").ok_or_else(|| format!("admitted as {:?}", tether_annotations(&pod)))
+        }
+    })
+    .await;
+    let next = enforce_pods
+        .create(&PostParams::default(), &probe_pod(json!({})))
+        .await
+        .unwrap();
+    let stored = enforce_pods.get(next.metadata.name.as_deref().unwrap()).await.unwrap();
+    let why = annotation(&stored, "tether.dev/fallback").expect("no fallback annotation on the next pod");
+    assert!(why.contains(&first_name), "{why}");
+    let marker = annotation(&stored, &profile_annotation).unwrap_or_default();
+    let profile = seccomp_of(&stored).expect("no seccompProfile on the next pod");
+    match marker.as_str() {
+        "fallback:Unconfined" => assert_eq!(profile.type_, "Unconfined"),
+        "fallback:RuntimeDefault" => assert_eq!(profile.type_, "RuntimeDefault"),
+        m if m.starts_with("fallback:log:") => {
+            assert_eq!(profile.type_, "Localhost");
+            assert_ne!(profile.localhost_profile.as_deref(), Some(injected.as_str()));
+        }
+        other => panic!("the next pod is not under a fallback: {other:?} {profile:?}"),
+    }
+    drop(cleanup);
+}
+
+#[test]
+fn webhook_host_refuses_a_loopback_api_server_and_says_what_to_set() {
+    let err = host_towards(([127, 0, 0, 1], 6443).into()).unwrap_err();
+    assert!(err.contains("TETHER_E2E_WEBHOOK_HOST"), "{err}");
+    let err = host_towards((std::net::Ipv6Addr::LOCALHOST, 6443).into()).unwrap_err();
+    assert!(err.contains("TETHER_E2E_WEBHOOK_HOST"), "{err}");
+}
+
+#[test]
+fn e2e_webhook_configurations_call_the_local_url_with_the_ca_and_select_only_the_run() {
+    let pki = certs::generate::for_service("tether-e2e", "tether-e2e-x-system", &["192.0.2.1".into()], 1).unwrap();
+    let (m, v) = webhook_configurations("tether-e2e-x", "x", "https://192.0.2.1:8443", &pki.ca_cert);
+    let m = m.webhooks.unwrap();
+    let v = v.webhooks.unwrap();
+    assert_eq!((m.len(), v.len()), (1, 1));
+    for (hook, path) in [(&m[0].client_config, "/mutate"), (&v[0].client_config, "/validate")] {
+        assert_eq!(
+            hook.url.as_deref(),
+            Some(format!("https://192.0.2.1:8443{path}").as_str())
+        );
+        assert_eq!(hook.service, None);
+        assert_eq!(hook.ca_bundle.as_ref().unwrap().0, pki.ca_cert.as_bytes());
+    }
+    assert_eq!(m[0].failure_policy.as_deref(), Some("Fail"));
+    assert_eq!(v[0].failure_policy.as_deref(), Some("Fail"));
+    let selector = m[0].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+    assert_eq!(selector.get("tether.dev/e2e").map(String::as_str), Some("x"));
+    assert_eq!(v[0].namespace_selector, m[0].namespace_selector);
+    assert_eq!(
+        m[0].rules.as_ref().unwrap()[0].operations.as_deref(),
+        Some(&["CREATE".to_string()][..])
+    );
+}
+
+#[test]
+fn webhook_url_brackets_an_ipv6_host() {
+    assert_eq!(base_url("192.168.49.1", 8443), "https://192.168.49.1:8443");
+    assert_eq!(base_url("fd00::1", 8443), "https://[fd00::1]:8443");
+    assert_eq!(
+        base_url("host.minikube.internal", 8443),
+        "https://host.minikube.internal:8443"
+    );
+}
+
+/// The fixture the e2e suite stores holds the `dry-probe` workload, and its
+/// namespace is rewritten for each test namespace.
+#[test]
+fn the_e2e_fixture_builds_one_dry_probe_profile_per_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = probe_fixture(&["tether-e2e-x-enforce", "tether-e2e-x-dry-run"], dir.path());
+    let store = crate::common::store_in(dir.path());
+    let build = crate::common::tether(&["build", "--from", events.to_str().unwrap(), "--store", &store]).expect_code(0);
+    for ns in ["tether-e2e-x-enforce", "tether-e2e-x-dry-run"] {
+        assert!(
+            build.stdout.contains(&format!("{ns}/pod/{PROBE}/{PROBE}")),
+            "{}",
+            build.stdout
+        );
+    }
+    assert!(!build.stdout.contains("shop/"), "{}", build.stdout);
+    // A pod created from generateName `dry-probe-` is this workload.
+    let pod = probe_pod(json!({}));
+    let key = webhook::decide::container_key(&pod, "tether-e2e-x-enforce", PROBE).unwrap();
+    assert_eq!(key.to_string(), format!("tether-e2e-x-enforce/pod/{PROBE}/{PROBE}"));
+    assert_eq!(
+        key,
+        profile_store::WorkloadKey::new("tether-e2e-x-enforce", "Pod", PROBE, PROBE).unwrap()
+    );
+}
+
+#[test]
+fn the_e2e_policy_turns_off_unlabelled_namespaces_and_the_install_gate() {
+    use webhook::policy::{Mode, Policy};
+    let policy = Policy::from_yaml(E2E_POLICY).unwrap();
+    assert_eq!(policy.default_mode, Mode::Off);
+    assert_eq!(policy.install_gate, webhook::gate::InstallGate::None);
+}
+
+/// The suite's `tether serve` command line is one `tether serve` takes: it gets
+/// as far as reading the kubeconfig (a missing one here), not a usage error.
+#[test]
+fn the_e2e_serve_command_line_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = certs::generate::for_service("tether-e2e", "tether-e2e-x-system", &["192.0.2.1".into()], 1).unwrap();
+    pki.write(&dir.path().join("pki"), false).unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, E2E_POLICY).unwrap();
+    let missing = dir.path().join("no-kubeconfig");
+    let out = serve_command(
+        missing.to_str().unwrap(),
+        "tether-e2e-x-system",
+        "x",
+        &dir.path().join("pki"),
+        free_port(),
+        ([127, 0, 0, 1], free_port()).into(),
+        &policy,
+    )
+    // Not in a pod's environment either: no in-cluster configuration to fall back on.
+    .env_remove("KUBERNETES_SERVICE_HOST")
+    .env_remove("KUBERNETES_SERVICE_PORT")
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no-kubeconfig"),
+        "did not get as far as the kubeconfig: {stderr}"
+    );
+    assert!(!out.status.success());
+    assert_ne!(out.status.code(), Some(2), "a usage error: {stderr}");
+    assert!(
+        !stderr.contains("unexpected argument") && !stderr.contains("Usage:"),
+        "{stderr}"
+    );
 }

@@ -13,5 +13,6 @@ mod strace_to_runc;
 mod tetragon_build;
 mod tls;
 mod validate_corpus;
+mod validate_read_trace;
 mod validate_under_filter;
 mod webhook_tls;

@@ -1,11 +1,13 @@
 //! `tether validate --pod`: the Kubernetes Job that replays a pod's containers in a
-//! staging namespace under strace, with each container's profile injected and the
-//! traces collected on a shared volume.
+//! staging namespace under strace, with each container's profile injected. Each
+//! trace goes to its container's stderr, so `kubectl logs job/NAME -c CONTAINER`
+//! reads it back for `tether validate --read-trace` ([`crate::readback`]): a
+//! finished pod's files cannot be copied out, its logs can.
 
 use k8s_openapi::api::core::v1::{Capabilities, Container, Pod, SeccompProfile, SecurityContext};
 use serde_json::{Value, json};
 
-/// Where the traces go in every container.
+/// Where the strace binary is, in every container.
 pub const PROBE_DIR: &str = "/probe";
 
 /// What the Job needs beyond the pod.
@@ -45,12 +47,10 @@ fn wrap(c: &mut Container, opts: &JobOptions) -> Result<(), JobError> {
     let Some(command) = c.command.take().filter(|c| !c.is_empty()) else {
         return Err(JobError::NoCommand(c.name.clone()));
     };
-    let mut wrapped = vec![
-        format!("{PROBE_DIR}/bin/strace"),
-        "-f".into(),
-        "-o".into(),
-        format!("{PROBE_DIR}/{}.trace", c.name),
-    ];
+    // No `-o`: strace writes to its stderr, which `kubectl logs` keeps after the
+    // pod ends (the container's own output in between is skipped by the reader).
+    // `-q`: its "Process N attached" notes would land inside unfinished call lines.
+    let mut wrapped = vec![format!("{PROBE_DIR}/bin/strace"), "-f".into(), "-q".into()];
     wrapped.extend(command);
     c.command = Some(wrapped);
     let sc = c.security_context.get_or_insert_with(SecurityContext::default);
@@ -175,10 +175,7 @@ spec:
         assert_eq!(spec["restartPolicy"], "Never");
         assert_eq!(spec["initContainers"][0]["name"], "tether-strace");
         let app = &spec["containers"][0];
-        assert_eq!(
-            app["command"],
-            json!(["/probe/bin/strace", "-f", "-o", "/probe/app.trace", "/app"])
-        );
+        assert_eq!(app["command"], json!(["/probe/bin/strace", "-f", "-q", "/app"]));
         assert_eq!(app["args"], json!(["--port", "8080"]));
         assert_eq!(app["securityContext"]["capabilities"]["add"], json!(["SYS_PTRACE"]));
         assert_eq!(app["securityContext"]["runAsNonRoot"], true);
@@ -187,7 +184,10 @@ spec:
             "tether/shop/deployment/checkout/app-0123456789ab.json"
         );
         let migrate = &spec["initContainers"][1];
-        assert_eq!(migrate["command"][3], "/probe/migrate.trace");
+        assert_eq!(
+            migrate["command"],
+            json!(["/probe/bin/strace", "-f", "-q", "/migrate", "--up"])
+        );
         assert!(
             spec["volumes"]
                 .as_array()

@@ -12,6 +12,7 @@
 pub mod job;
 pub mod observe;
 pub mod process;
+pub mod readback;
 pub mod runc;
 pub mod trace;
 pub mod validate;

@@ -86,7 +86,7 @@ impl Usage {
                         count: 0,
                         first: CallSite {
                             pid,
-                            call: cut(line.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ')),
+                            call: cut(call_text(line)),
                         },
                     });
                     entry.count += 1;
@@ -97,6 +97,16 @@ impl Usage {
                 Err(_) => self.malformed += 1,
             }
         }
+    }
+}
+
+/// A strace line without its pid prefix: `N ` (`-o FILE`) or `[pid N] `
+/// (`-f` to stderr, as a staging Job's log has it).
+fn call_text(line: &str) -> &str {
+    let line = line.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ');
+    match line.strip_prefix("[pid ") {
+        Some(rest) => rest.split_once("] ").map_or(line, |(_, call)| call),
+        None => line,
     }
 }
 

@@ -287,6 +287,44 @@ pub fn validate(
         ),
         Err(e) => return Err(e),
     };
+    let Judged { denied, unused, add } = judge(&usage, profile);
+    let (p, mut e) = (summary(&probe_out), summary(&enforce_out));
+    e.timed_out = timed_out;
+    // The plain run above stays the verdict's, and the traced run only reports:
+    // strace stops the workload at every call (timing, signals and races change),
+    // the wrapper sets no_new_privs (setuid and file capabilities stop working),
+    // the workload is not the container's pid 1 (signal defaults, reaping), and the
+    // container's filter is wider. What a node runs is the plain run; the traced
+    // one is compared with it, and a difference is said, not judged.
+    let under_filter = under_filter(cmd, profile, runtime, timeout, observer, &enforce_out, &e);
+    let same_output = probe_out.stdout == enforce_out.stdout;
+    let pass = add.is_empty() && p.exit_code == e.exit_code && same_output && !e.sigsys && !timed_out;
+    Ok((
+        Report {
+            runtime,
+            command: cmd.to_vec(),
+            denied,
+            unused,
+            probe: p,
+            enforce: e,
+            same_output,
+            pass,
+            add,
+            under_filter,
+        },
+        usage,
+    ))
+}
+
+/// The syscall-level half of a verdict: what `profile` denies of what `usage`
+/// made, what it allows that was never made, and what to add.
+pub(crate) struct Judged {
+    pub(crate) denied: Vec<Denied>,
+    pub(crate) unused: Vec<String>,
+    pub(crate) add: Vec<String>,
+}
+
+pub(crate) fn judge(usage: &Usage, profile: &SeccompProfile) -> Judged {
     let allowed = profile.allowed();
     let enosys: BTreeSet<&str> = profile
         .syscalls
@@ -321,32 +359,7 @@ pub fn validate(
         .filter(|d| d.answer == "EPERM")
         .map(|d| d.name.clone())
         .collect();
-    let (p, mut e) = (summary(&probe_out), summary(&enforce_out));
-    e.timed_out = timed_out;
-    // The plain run above stays the verdict's, and the traced run only reports:
-    // strace stops the workload at every call (timing, signals and races change),
-    // the wrapper sets no_new_privs (setuid and file capabilities stop working),
-    // the workload is not the container's pid 1 (signal defaults, reaping), and the
-    // container's filter is wider. What a node runs is the plain run; the traced
-    // one is compared with it, and a difference is said, not judged.
-    let under_filter = under_filter(cmd, profile, runtime, timeout, observer, &enforce_out, &e);
-    let same_output = probe_out.stdout == enforce_out.stdout;
-    let pass = add.is_empty() && p.exit_code == e.exit_code && same_output && !e.sigsys && !timed_out;
-    Ok((
-        Report {
-            runtime,
-            command: cmd.to_vec(),
-            denied,
-            unused,
-            probe: p,
-            enforce: e,
-            same_output,
-            pass,
-            add,
-            under_filter,
-        },
-        usage,
-    ))
+    Judged { denied, unused, add }
 }
 
 /// Runs the observed enforce run and summarizes it against the plain one.
