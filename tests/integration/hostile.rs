@@ -801,7 +801,7 @@ async fn a_panicking_handler_is_answered_500_counted_and_the_server_keeps_answer
         "/panic",
         post(|| async {
             // What a bug on outside data would do.
-            let input: Option<u32> = None;
+            let input: Option<u32> = std::hint::black_box(None);
             input.unwrap().to_string()
         }),
     );
