@@ -601,6 +601,39 @@ async fn slow_http1_headers_are_cut_off_by_the_header_timeout() {
     s.running.shutdown().await;
 }
 
+/// A client that completes the TLS handshake and then sends nothing, with
+/// either protocol: the connection is closed once `HEADER_READ_TIMEOUT` passes
+/// (it was held open forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed_after_the_header_timeout() {
+    let s = serve("{}").await;
+    let limit = webhook::server::HEADER_READ_TIMEOUT;
+    let waits = [&b"http/1.1"[..], &b"h2"[..]].map(|alpn| {
+        let s = &s;
+        async move {
+            let mut tls = s.tls(alpn).await;
+            let started = Instant::now();
+            let (answer, closed) = read_until_closed(&mut tls, limit + Duration::from_secs(5)).await;
+            (
+                String::from_utf8_lossy(alpn).into_owned(),
+                started.elapsed(),
+                closed,
+                answer,
+            )
+        }
+    });
+    for (alpn, took, closed, answer) in futures_util::future::join_all(waits).await {
+        assert!(closed, "{alpn}: still open after {took:?}: {answer:?}");
+        assert!(
+            took >= limit - Duration::from_secs(1),
+            "{alpn}: closed early, after {took:?}"
+        );
+    }
+    s.still_answers("silent connections").await;
+    assert_no_panics(&s).await;
+    s.running.shutdown().await;
+}
+
 /// Slowloris over HTTP/2: a body stream that never ends is answered 503 when
 /// the request timeout passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,10 +25,11 @@ const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long an HTTP/1.1 client may take to send a request's headers before the
+/// How long an HTTP/1.1 client may take to send a request's headers, and any
+/// client to send its first bytes after the TLS handshake, before the
 /// connection is closed. Without it (hyper applies none unless given a timer) a
-/// client trickling header bytes holds a connection forever; bodies are bounded
-/// by the per-request timeout instead (see [`guard`]).
+/// client trickling header bytes, or sending none, holds a connection forever;
+/// bodies are bounded by the per-request timeout instead (see [`guard`]).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn answer(result: Result<kube::core::admission::AdmissionReview<kube::core::DynamicObject>, Unreadable>) -> Response {
@@ -363,6 +364,7 @@ impl ConnectionThread {
                             return;
                         }
                     };
+                    let tls = FirstByteDeadline::new(tls, HEADER_READ_TIMEOUT);
                     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -374,6 +376,96 @@ impl ConnectionThread {
                 _ = closed.wait_for(|c| *c) => {}
             }
         });
+    }
+}
+
+/// A connection that must send its first bytes (the HTTP/2 preface or an
+/// HTTP/1.1 request line) within a deadline after the TLS handshake, else reads
+/// fail with `TimedOut` and the connection is closed. hyper's header timeout
+/// starts with the first byte, so a client that handshakes and then sends
+/// nothing held a connection (a descriptor and its buffers) forever. The API
+/// server sends its request as soon as it has connected.
+struct FirstByteDeadline<T> {
+    io: T,
+    /// Cleared once a byte has arrived.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    limit: Duration,
+}
+
+impl<T> FirstByteDeadline<T> {
+    fn new(io: T, limit: Duration) -> Self {
+        FirstByteDeadline {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+            limit,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByteDeadline<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.deadline = None;
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let expired = this.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no request within {:?} of the TLS handshake", this.limit),
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByteDeadline<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
