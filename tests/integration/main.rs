@@ -7,7 +7,9 @@
 mod certs_rotation;
 mod common;
 mod e2e;
+mod hostile;
 mod profiles_cli;
+mod security;
 mod serve_cli;
 mod strace_to_runc;
 mod tetragon_build;

@@ -352,8 +352,26 @@ pub fn validate(pod: &Pod, namespace: &str, ns: &NamespaceView, lookup: &dyn Loo
 /// A `Localhost` profile under `tether/` must be a known version of this
 /// container's own workload.
 fn check_localhost(path: &str, container: &str, own: Option<&WorkloadKey>, lookup: &dyn Lookup) -> Option<String> {
-    if !path.starts_with(names::LOCALHOST_ROOT) {
+    if path.starts_with('/') || path.split('/').any(|c| c == "..") || path.contains('\0') {
+        return Some(format!(
+            "container {container}: localhostProfile {path:?} is absolute or climbs with `..`; a Localhost profile is a relative path under the kubelet's seccomp directory"
+        ));
+    }
+    // The kubelet cleans the path before opening it (`./tether/x` and
+    // `tether//x` open `tether/x`): judge the file it will open, so another
+    // spelling cannot reach another workload's profile unchecked.
+    let opened = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect::<Vec<_>>()
+        .join("/");
+    if !format!("{opened}/").starts_with(names::LOCALHOST_ROOT) {
         return None;
+    }
+    if opened != path {
+        return Some(format!(
+            "container {container}: localhostProfile {path} opens {opened}, under tether/; tether's profiles are referenced only as tether sets them (tether/<namespace>/<kind>/<name>/<container>-<version>.json)"
+        ));
     }
     let Some((key, version)) = parse_localhost_profile(path) else {
         return Some(format!(

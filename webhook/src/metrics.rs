@@ -98,6 +98,9 @@ pub struct Metrics {
     pub crash_fallbacks: Family<CrashLabels, Counter>,
     /// 1 while this replica holds the crash watcher's Lease.
     pub crash_watcher_leader: Gauge,
+    /// Handler panics caught at the router's boundary and answered with HTTP 500
+    /// (any at all is a bug: no input should reach it).
+    pub handler_panics: Counter,
     /// Certificate metrics.
     pub certs: certs::CertMetrics,
 }
@@ -132,6 +135,7 @@ impl Default for Metrics {
             held_back_workloads: Gauge::default(),
             crash_fallbacks: Family::default(),
             crash_watcher_leader: Gauge::default(),
+            handler_panics: Counter::default(),
             certs: certs::CertMetrics::default(),
         }
     }
@@ -196,6 +200,11 @@ impl Metrics {
             "crash_watcher_leader",
             "1 while this replica holds the crash watcher's Lease and acts on crashes",
             self.crash_watcher_leader.clone(),
+        );
+        r.register(
+            "handler_panics",
+            "Handler panics caught at the router and answered with HTTP 500 (each one is a bug)",
+            self.handler_panics.clone(),
         );
         self.certs.register(&mut r);
         r

@@ -58,8 +58,12 @@ fn parse(body: &[u8]) -> Result<Parsed, Unreadable> {
         Err(first) => match serde_json::from_slice::<slim::Envelope<IgnoredAny>>(body) {
             Ok(e) => ((e.api_version, e.kind, e.request.map(Err)), Some(first)),
             Err(e) => {
-                return Err(Unreadable(if e.is_data() {
-                    format!("the AdmissionReview does not parse: {e}")
+                // serde_json reports some wrong types (a number where an enum
+                // such as `operation` belongs) as syntax errors: only a body that
+                // does not parse even as untyped JSON is called "not JSON".
+                let is_json = e.is_data() || serde_json::from_slice::<IgnoredAny>(body).is_ok();
+                return Err(Unreadable(if is_json {
+                    format!("the AdmissionReview does not parse (a field is missing or has the wrong type): {e}")
                 } else {
                     format!("the body is not JSON: {e}")
                 }));

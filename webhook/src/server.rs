@@ -25,6 +25,13 @@ const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an HTTP/1.1 client may take to send a request's headers, and any
+/// client to send its first bytes after the TLS handshake, before the
+/// connection is closed. Without it (hyper applies none unless given a timer) a
+/// client trickling header bytes, or sending none, holds a connection forever;
+/// bodies are bounded by the per-request timeout instead (see [`guard`]).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn answer(result: Result<kube::core::admission::AdmissionReview<kube::core::DynamicObject>, Unreadable>) -> Response {
     match result {
         Ok(review) => match crate::wire::to_vec(&review) {
@@ -130,21 +137,69 @@ async fn metrics(State(a): State<Arc<Admission>>) -> Response {
     }
 }
 
-/// The admission router: `POST /mutate`, `POST /validate`, `GET /healthz`,
-/// `GET /readyz`, with the body limit and a per-request timeout.
-pub fn router(admission: Arc<Admission>, request_timeout: Duration) -> Router {
+/// The admission routes without their layers: `POST /mutate`, `POST /validate`,
+/// `GET /healthz`, `GET /readyz`. [`guard`] adds the layers.
+pub fn admission_routes() -> Router<Arc<Admission>> {
     Router::new()
         .route("/mutate", post(mutate))
         .route("/validate", post(validate))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+}
+
+/// The admission router: [`admission_routes`] behind [`guard`].
+pub fn router(admission: Arc<Admission>, request_timeout: Duration) -> Router {
+    guard(admission_routes(), admission, request_timeout)
+}
+
+/// Puts `routes` behind the admission server's layers: no axum body limit
+/// (`read_body` answers 413 itself), a per-request timeout that also bounds the
+/// body read (the body is read inside the handler, so a slow body is answered
+/// 503 when the time is up), and, outermost, the panic boundary: a handler that
+/// panics is answered HTTP 500, logged and counted in
+/// `tether_handler_panics_total` instead of taking its connection down.
+///
+/// Public so that tests can put a route of their own (one that panics) behind
+/// exactly the layers the server uses.
+pub fn guard(routes: Router<Arc<Admission>>, admission: Arc<Admission>, request_timeout: Duration) -> Router {
+    let panics = PanicAnswer {
+        counter: admission.metrics.handler_panics.clone(),
+    };
+    routes
         // Bodies are limited by `read_body`, which answers 413 on a usable connection.
         .layer(DefaultBodyLimit::disable())
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             request_timeout,
         ))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panics))
         .with_state(admission)
+}
+
+/// Answers a caught handler panic: HTTP 500 with a plain message, a log line
+/// with the panic's message, one more in `tether_handler_panics_total`.
+#[derive(Clone)]
+struct PanicAnswer {
+    counter: prometheus_client::metrics::counter::Counter,
+}
+
+impl tower_http::catch_panic::ResponseForPanic for PanicAnswer {
+    type ResponseBody = Body;
+
+    fn response_for_panic(&mut self, err: Box<dyn std::any::Any + Send + 'static>) -> axum::http::Response<Body> {
+        self.counter.inc();
+        let message = err
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| err.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        tracing::error!(panic = message, "a request handler panicked; answered HTTP 500");
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error: tether's request handler failed (a bug, counted in tether_handler_panics_total); the API server applies the webhook's failurePolicy\n",
+        )
+            .into_response()
+    }
 }
 
 /// The metrics router: `GET /metrics`, `/healthz`, `/readyz`.
@@ -280,7 +335,11 @@ impl ConnectionThread {
         } = self;
         runtime.block_on(async move {
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
             while let Some((tcp, peer)) = rx.recv().await {
                 let tcp = match tokio::net::TcpStream::from_std(tcp) {
                     Ok(tcp) => tcp,
@@ -305,6 +364,7 @@ impl ConnectionThread {
                             return;
                         }
                     };
+                    let tls = FirstByteDeadline::new(tls, HEADER_READ_TIMEOUT);
                     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -316,6 +376,96 @@ impl ConnectionThread {
                 _ = closed.wait_for(|c| *c) => {}
             }
         });
+    }
+}
+
+/// A connection that must send its first bytes (the HTTP/2 preface or an
+/// HTTP/1.1 request line) within a deadline after the TLS handshake, else reads
+/// fail with `TimedOut` and the connection is closed. hyper's header timeout
+/// starts with the first byte, so a client that handshakes and then sends
+/// nothing held a connection (a descriptor and its buffers) forever. The API
+/// server sends its request as soon as it has connected.
+struct FirstByteDeadline<T> {
+    io: T,
+    /// Cleared once a byte has arrived.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    limit: Duration,
+}
+
+impl<T> FirstByteDeadline<T> {
+    fn new(io: T, limit: Duration) -> Self {
+        FirstByteDeadline {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+            limit,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByteDeadline<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.deadline = None;
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let expired = this.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no request within {:?} of the TLS handshake", this.limit),
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByteDeadline<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -31,7 +31,7 @@ pub(crate) struct Envelope<'a, O> {
 
 /// The request's fields, as kube-core's `AdmissionRequest` reads them.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
 pub(crate) struct Request<O> {
     uid: String,
     kind: GroupVersionKind,
@@ -45,7 +45,43 @@ pub(crate) struct Request<O> {
     operation: Operation,
     #[serde(default)]
     dry_run: bool,
+    #[serde(default = "no_object", deserialize_with = "map_only")]
     object: Option<O>,
+}
+
+/// A request without an object (DELETE, CONNECT).
+fn no_object<O>() -> Option<O> {
+    None
+}
+
+/// Reads the object only from a JSON object (or null): serde's derived structs
+/// also accept an array, taking fields by position, so `"object": []` read as an
+/// empty Pod and was allowed untouched. No API server sends that; it is refused.
+fn map_only<'de, D, O>(d: D) -> Result<Option<O>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    O: Deserialize<'de>,
+{
+    struct MapOnly<O>(std::marker::PhantomData<O>);
+    impl<'de, O: Deserialize<'de>> serde::de::Visitor<'de> for MapOnly<O> {
+        type Value = Option<O>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object (a JSON map) or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            O::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+    d.deserialize_option(MapOnly(std::marker::PhantomData))
 }
 
 impl<O> Request<O> {

@@ -405,7 +405,21 @@ fn validate_refuses_unauthorized_escapes_in_enforce_and_warns_in_dry_run() {
         validate(&a, &traversal)["status"]["message"]
             .as_str()
             .unwrap()
-            .contains("not a tether profile path")
+            .contains("climbs with `..`")
+    );
+
+    // Regression: `./tether/...` opens the same file as `tether/...` on the
+    // node, and was not checked at all.
+    let dotted = with_container_profile(
+        base.clone(),
+        0,
+        json!({"type": "Localhost", "localhostProfile": "./tether/shop/deployment/checkout/envoy-cccccccccccc.json"}),
+    );
+    assert!(
+        validate(&a, &dotted)["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("opens tether/shop/deployment/checkout/envoy-cccccccccccc.json")
     );
 
     // Outside tether/ is not tether's business.
