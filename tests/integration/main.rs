@@ -9,6 +9,7 @@ mod common;
 mod e2e;
 mod profiles_cli;
 mod serve_cli;
+mod store_crash;
 mod strace_to_runc;
 mod tetragon_build;
 mod tls;
