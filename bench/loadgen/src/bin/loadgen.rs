@@ -567,18 +567,13 @@ mod tests {
     #[test]
     fn several_bodies_are_sent_in_turn() {
         let t = target(&["a", "b", "c"], 200);
-        let sent: Vec<Bytes> = (0..7).map(|_| t.request().unwrap().into_body()).collect();
-        let sent: Vec<String> = sent
-            .into_iter()
-            .map(|body| {
-                let bytes = futures_body(body);
-                String::from_utf8(bytes.to_vec()).unwrap()
-            })
+        let sent: Vec<String> = (0..7)
+            .map(|_| String::from_utf8(collect(t.request().unwrap().into_body()).to_vec()).unwrap())
             .collect();
         assert_eq!(sent, ["a", "b", "c", "a", "b", "c", "a"]);
     }
 
-    fn futures_body(body: Full<Bytes>) -> Bytes {
+    fn collect(body: Full<Bytes>) -> Bytes {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
