@@ -401,7 +401,12 @@ impl FsStore {
         let marker = root.join(MARKER);
         if !marker.exists() {
             fs::create_dir_all(root).map_err(io_err(root))?;
-            let has_files = fs::read_dir(root).map_err(io_err(root))?.next().is_some();
+            // A creation killed before its marker was renamed into place leaves
+            // only a temporary file: that directory is still ours to create in.
+            let has_files = fs::read_dir(root)
+                .map_err(io_err(root))?
+                .filter_map(Result::ok)
+                .any(|e| !is_temp(&e.file_name()));
             if has_files {
                 return Err(StoreError::NotAStore {
                     path: root.to_path_buf(),
@@ -435,6 +440,10 @@ impl FsStore {
                 reason: format!("format {} is not the format {FORMAT} this tether reads", m.format),
             });
         }
+        // The generation is bumped without any lock, by every writer: its
+        // leftovers can only be collected by age, and every process that opens
+        // the store does it (the root holds a handful of entries).
+        remove_stale_temps(root);
         Ok(FsStore {
             root: root.to_path_buf(),
         })
@@ -493,6 +502,50 @@ impl FsStore {
     }
 }
 
+/// The name prefix of the temporary files [`write_atomic`] renames into place.
+/// Nothing in the store reads them: a writer killed between creating one and
+/// renaming it leaves it behind, and [`FsStore`] removes it later.
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+/// Whether a directory entry is one of the store's temporary files.
+pub fn is_temp(name: &std::ffi::OsStr) -> bool {
+    name.to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX))
+}
+
+/// Age after which a temporary file belongs to no live writer. A write takes
+/// milliseconds; a temporary file that is still younger may be one a writer is
+/// about to rename (a `put_versions` outside `update` holds no lock), so it is
+/// left alone.
+pub const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the temporary files older than [`STALE_TEMP`] in `dir`: each write
+/// interrupted by a crash leaves one, and without this they would pile up one
+/// per crash for ever. Best effort: the write that triggers the sweep must not
+/// fail because of a leftover, so failures are only logged.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.filter_map(Result::ok) {
+        if !is_temp(&entry.file_name()) {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_TEMP);
+        if !stale {
+            continue;
+        }
+        let path = entry.path();
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::debug!(path = %path.display(), "removed a temporary file a killed writer left"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale temporary file"),
+        }
+    }
+}
+
 /// Writes `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     replace_file(path, bytes, Durability::Durable)
@@ -516,7 +569,7 @@ fn replace_file(path: &Path, bytes: &[u8], durability: Durability) -> Result<(),
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
+        .prefix(TEMP_PREFIX)
         .tempfile_in(dir)
         .map_err(io_err(dir))?;
     tmp.write_all(bytes).map_err(io_err(tmp.path()))?;
@@ -659,6 +712,11 @@ impl ProfileStore for FsStore {
         f: &mut dyn FnMut(&mut WorkloadRecord) -> Result<(), StoreError>,
     ) -> Result<WorkloadRecord, StoreError> {
         let _lock = self.lock(key)?;
+        // Under the lock no other writer of this workload is at work, so this is
+        // where a killed writer's leftovers in its directories are collected.
+        let dir = self.dir(key);
+        remove_stale_temps(&dir);
+        remove_stale_temps(&dir.join("versions"));
         let path = self.record_path(key);
         let mut record = read_json(&path)?.unwrap_or_else(|| WorkloadRecord::new(key.clone()));
         let before = record.clone();
@@ -996,6 +1054,74 @@ pub(crate) mod tests {
             "{msg}"
         );
         assert_eq!(fs::read(&path).unwrap(), b"{ not json");
+    }
+
+    /// Creates a file named `name` in `dir`, last modified `age` ago.
+    fn temp_file(dir: &Path, name: &str, age: std::time::Duration) -> PathBuf {
+        fs::create_dir_all(dir).unwrap();
+        let path = dir.join(name);
+        let f = File::create(&path).unwrap();
+        f.set_modified(std::time::SystemTime::now() - age).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_store_whose_creation_was_killed_before_the_marker_can_be_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        // What a kill between creating the marker's temporary file and renaming
+        // it leaves behind.
+        temp_file(&root, ".tmp-AbC123", std::time::Duration::ZERO);
+        let store = FsStore::open_or_create(&root).unwrap();
+        assert!(root.join(MARKER).exists());
+        store.put_version(&key(), &rendered(&["read"])).unwrap();
+    }
+
+    #[test]
+    fn stale_temporary_files_are_removed_and_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open_or_create(dir.path()).unwrap();
+        let r = rendered(&["read"]);
+        store
+            .update(&key(), &mut |rec| {
+                store.put_version(&key(), &r)?;
+                rec.baseline.events += 1;
+                Ok(())
+            })
+            .unwrap();
+        let old = STALE_TEMP + std::time::Duration::from_secs(60);
+        let young = std::time::Duration::from_secs(1);
+        let workload = store.dir(&key());
+        let versions = workload.join("versions");
+        let mut stale = Vec::new();
+        let mut fresh = Vec::new();
+        for d in [dir.path(), &workload, &versions] {
+            stale.push(temp_file(d, ".tmp-old", old));
+            fresh.push(temp_file(d, ".tmp-new", young));
+        }
+        // An old file that is not a temporary file is not the store's to remove.
+        let other = temp_file(&versions, "notes.txt", old);
+        assert_eq!(store.keys().unwrap(), [key()]);
+
+        // Opening sweeps the root; a write sweeps its workload's directories.
+        let store = FsStore::open(dir.path()).unwrap();
+        assert!(!stale[0].exists());
+        assert!(stale[1].exists() && stale[2].exists());
+        store
+            .update(&key(), &mut |rec| {
+                rec.baseline.events += 1;
+                Ok(())
+            })
+            .unwrap();
+        for p in &stale {
+            assert!(!p.exists(), "{} should be gone", p.display());
+        }
+        for p in &fresh {
+            assert!(p.exists(), "{} may belong to a live writer", p.display());
+        }
+        assert!(other.exists());
+        assert_eq!(store.record(&key()).unwrap().unwrap().baseline.events, 2);
+        store.profile(&key(), &r.version).unwrap();
     }
 
     #[test]

@@ -51,17 +51,24 @@ pub fn tether_stdin(args: &[&str], stdin: Option<&[u8]>) -> Run {
     run_tether(args, stdin, &[])
 }
 
-fn run_tether(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Run {
+/// `tether ARGS` with a clean `TETHER_*` environment, not started yet (for
+/// tests that need the child itself, e.g. to kill it).
+pub fn tether_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
-    cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args);
     for (k, _) in std::env::vars() {
         if k.starts_with("TETHER_") {
             cmd.env_remove(k);
         }
     }
+    cmd
+}
+
+fn run_tether(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Run {
+    let mut cmd = tether_command(args);
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd.envs(env.iter().copied());
     let mut child = cmd.spawn().expect("spawn tether");
     if let Some(bytes) = stdin {

@@ -11,6 +11,7 @@ mod hostile;
 mod profiles_cli;
 mod security;
 mod serve_cli;
+mod store_crash;
 mod strace_to_runc;
 mod tetragon_build;
 mod tls;

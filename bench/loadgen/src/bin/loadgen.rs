@@ -2,7 +2,9 @@
 //!
 //! It opens `--connections` TLS connections (rustls with ring, trusting only the
 //! CA given with `--ca`, ALPN `h2` required), kept alive for the whole run, and
-//! POSTs the same body (`--body`, an AdmissionReview) to `--url` on every stream.
+//! POSTs a body (`--body`, an AdmissionReview) to `--url` on every stream. With
+//! `--body` given several times, the bodies are sent in turn (request `i` carries
+//! body `i mod n`), so one run can mix different reviews, e.g. for a soak test.
 //!
 //! Two modes:
 //!
@@ -15,8 +17,10 @@
 //!   stalled server or client is charged for every request it delayed (no
 //!   coordinated omission); `service_*` fields are from the actual send time.
 //!
-//! Every answer must be HTTP 200 with its body read to the end; anything else is
-//! an error (`non_200` counts the subset that got a status other than 200).
+//! Every answer must have the status `--expect-status` (200 unless told) with its
+//! body read to the end; anything else is an error (`non_200` counts the subset
+//! that got another status). `statuses` counts the answers by status, so a run of
+//! invalid reviews with `--expect-status 400` shows what the server answered.
 //! Requests started during `--warmup` are not counted. The result is one JSON line
 //! on stdout.
 
@@ -30,8 +34,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The load generator's options.
@@ -45,9 +51,13 @@ struct Args {
     /// else is trusted.
     #[arg(long, value_name = "FILE")]
     ca: PathBuf,
-    /// The request body (sent with content-type application/json).
-    #[arg(long, value_name = "FILE")]
-    body: PathBuf,
+    /// A request body (sent with content-type application/json). Give it several
+    /// times to send the bodies in turn.
+    #[arg(long, value_name = "FILE", required = true)]
+    body: Vec<PathBuf>,
+    /// The HTTP status every answer must have; any other is an error.
+    #[arg(long, value_name = "CODE", default_value_t = 200)]
+    expect_status: u16,
     /// HTTP/2 connections, each kept alive for the whole run.
     #[arg(long, default_value_t = 2)]
     connections: usize,
@@ -69,8 +79,8 @@ struct Args {
     /// A label copied into the JSON result.
     #[arg(long, default_value = "")]
     label: String,
-    /// Send one request, print the answer's body on stdout and exit (non-zero
-    /// unless the status is 200).
+    /// Send one request per body, print each answer's body on stdout and exit
+    /// (non-zero unless every status is the expected one).
     #[arg(long)]
     once: bool,
 }
@@ -98,6 +108,7 @@ struct Tally {
     ok: u64,
     errors: u64,
     non_200: u64,
+    statuses: BTreeMap<u16, u64>,
     first_error: Option<String>,
     last_done: Option<Instant>,
 }
@@ -110,6 +121,7 @@ impl Tally {
             ok: 0,
             errors: 0,
             non_200: 0,
+            statuses: BTreeMap::new(),
             first_error: None,
             last_done: None,
         })
@@ -125,6 +137,9 @@ impl Tally {
         self.ok += other.ok;
         self.errors += other.errors;
         self.non_200 += other.non_200;
+        for (status, n) in other.statuses {
+            *self.statuses.entry(status).or_default() += n;
+        }
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
@@ -139,8 +154,11 @@ impl Tally {
     /// (or failed) at `done`.
     fn record(&mut self, outcome: Outcome, due: Instant, sent: Instant, done: Instant) {
         self.last_done = Some(self.last_done.map_or(done, |l| l.max(done)));
+        if let Outcome::Ok(status) | Outcome::Status(status) = outcome {
+            *self.statuses.entry(status.as_u16()).or_default() += 1;
+        }
         match outcome {
-            Outcome::Ok => {
+            Outcome::Ok(_) => {
                 self.ok += 1;
                 // Values are clamped into the histogram's range, so recording cannot fail.
                 let _ = self.latency.record(micros(done - due));
@@ -167,8 +185,11 @@ struct Answered {
     done: Instant,
 }
 
+/// How one request ended: answered with the expected status, answered with
+/// another, or not answered.
+#[derive(Debug, PartialEq)]
 enum Outcome {
-    Ok,
+    Ok(http::StatusCode),
     Status(http::StatusCode),
     Failed(String),
 }
@@ -176,15 +197,37 @@ enum Outcome {
 /// Everything a request needs, shared by all workers.
 struct Target {
     uri: http::Uri,
-    body: Bytes,
+    /// Sent in turn; never empty (clap requires one `--body`).
+    bodies: Vec<Bytes>,
+    /// How many requests were built: picks the next body.
+    sent: AtomicUsize,
+    expect: http::StatusCode,
 }
 
 impl Target {
+    /// The body of the next request: the bodies in turn.
+    fn next_body(&self) -> Bytes {
+        let i = self.sent.fetch_add(1, Ordering::Relaxed);
+        self.bodies
+            .get(i % self.bodies.len().max(1))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     fn request(&self) -> Result<http::Request<Full<Bytes>>> {
         http::Request::post(self.uri.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(self.body.clone()))
+            .body(Full::new(self.next_body()))
             .context("building the request")
+    }
+
+    /// Whether an answer with `status` is what the run expects.
+    fn classify(&self, status: http::StatusCode) -> Outcome {
+        if status == self.expect {
+            Outcome::Ok(status)
+        } else {
+            Outcome::Status(status)
+        }
     }
 
     /// Sends one request on `conn` and reads the answer to the end.
@@ -205,11 +248,7 @@ impl Target {
             Ok(b) => b.to_bytes(),
             Err(e) => return (Outcome::Failed(format!("reading the answer: {e}")), None),
         };
-        if status == http::StatusCode::OK {
-            (Outcome::Ok, Some(body))
-        } else {
-            (Outcome::Status(status), Some(body))
-        }
+        (self.classify(status), Some(body))
     }
 }
 
@@ -398,24 +437,36 @@ fn percentiles(prefix: &str, h: &Histogram<u64>, out: &mut serde_json::Map<Strin
 }
 
 async fn run(args: Args) -> Result<()> {
-    let body = Bytes::from(std::fs::read(&args.body).with_context(|| format!("reading {}", args.body.display()))?);
+    let mut bodies = Vec::new();
+    for path in &args.body {
+        bodies.push(Bytes::from(
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        ));
+    }
+    let expect = http::StatusCode::from_u16(args.expect_status)
+        .map_err(|e| anyhow!("--expect-status {}: {e}", args.expect_status))?;
     let tls = Arc::new(tls_config(&args.ca)?);
     let target = Arc::new(Target {
         uri: args.url.clone(),
-        body,
+        bodies,
+        sent: AtomicUsize::new(0),
+        expect,
     });
 
     if args.once {
         let mut conn = connect(&args.url, tls).await?;
-        let (outcome, answer) = target.send(&mut conn).await;
-        if let Some(answer) = answer {
-            println!("{}", String::from_utf8_lossy(&answer));
+        for path in &args.body {
+            let (outcome, answer) = target.send(&mut conn).await;
+            if let Some(answer) = answer {
+                println!("{}", String::from_utf8_lossy(&answer));
+            }
+            match outcome {
+                Outcome::Ok(_) => {}
+                Outcome::Status(s) => bail!("{}: HTTP status {s}, expected {expect}", path.display()),
+                Outcome::Failed(e) => bail!("{}: {e}", path.display()),
+            }
         }
-        return match outcome {
-            Outcome::Ok => Ok(()),
-            Outcome::Status(s) => bail!("HTTP status {s}"),
-            Outcome::Failed(e) => bail!("{e}"),
-        };
+        return Ok(());
     }
 
     let mut conns = Vec::new();
@@ -468,6 +519,14 @@ async fn run(args: Args) -> Result<()> {
     out.insert("requests".into(), json!(requests));
     out.insert("errors".into(), json!(tally.errors));
     out.insert("non_200".into(), json!(tally.non_200));
+    out.insert("expect_status".into(), json!(expect.as_u16()));
+    out.insert("bodies".into(), json!(args.body.len()));
+    let statuses: serde_json::Map<String, serde_json::Value> = tally
+        .statuses
+        .iter()
+        .map(|(status, n)| (status.to_string(), json!(n)))
+        .collect();
+    out.insert("statuses".into(), serde_json::Value::Object(statuses));
     out.insert(
         "throughput_rps".into(),
         json!((tally.ok as f64 / window.as_secs_f64() * 10.0).round() / 10.0),
@@ -490,4 +549,81 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(run(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(bodies: &[&str], expect: u16) -> Target {
+        Target {
+            uri: http::Uri::from_static("https://localhost:8443/mutate"),
+            bodies: bodies.iter().map(|b| Bytes::copy_from_slice(b.as_bytes())).collect(),
+            sent: AtomicUsize::new(0),
+            expect: http::StatusCode::from_u16(expect).unwrap(),
+        }
+    }
+
+    #[test]
+    fn several_bodies_are_sent_in_turn() {
+        let t = target(&["a", "b", "c"], 200);
+        let sent: Vec<String> = (0..7)
+            .map(|_| String::from_utf8(collect(t.request().unwrap().into_body()).to_vec()).unwrap())
+            .collect();
+        assert_eq!(sent, ["a", "b", "c", "a", "b", "c", "a"]);
+    }
+
+    fn collect(body: Full<Bytes>) -> Bytes {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(async { body.collect().await.unwrap().to_bytes() })
+    }
+
+    #[test]
+    fn expect_status_decides_which_answers_are_errors() {
+        let t = target(&["x"], 400);
+        assert_eq!(
+            t.classify(http::StatusCode::BAD_REQUEST),
+            Outcome::Ok(http::StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(t.classify(http::StatusCode::OK), Outcome::Status(http::StatusCode::OK));
+        let t = target(&["x"], 200);
+        assert_eq!(t.classify(http::StatusCode::OK), Outcome::Ok(http::StatusCode::OK));
+    }
+
+    #[test]
+    fn statuses_are_counted_for_every_answer() {
+        let now = Instant::now();
+        let mut a = Tally::new().unwrap();
+        a.record(Outcome::Ok(http::StatusCode::BAD_REQUEST), now, now, now);
+        a.record(Outcome::Status(http::StatusCode::OK), now, now, now);
+        a.record(Outcome::Failed("reset".into()), now, now, now);
+        let mut b = Tally::new().unwrap();
+        b.record(Outcome::Ok(http::StatusCode::BAD_REQUEST), now, now, now);
+        a.merge(b).unwrap();
+        assert_eq!(a.statuses, BTreeMap::from([(200, 1), (400, 2)]));
+        assert_eq!((a.ok, a.errors, a.non_200), (2, 2, 1));
+    }
+
+    #[test]
+    fn body_is_required_and_repeatable() {
+        assert!(Args::try_parse_from(["loadgen", "--url", "https://h/", "--ca", "c"]).is_err());
+        let a = Args::try_parse_from([
+            "loadgen",
+            "--url",
+            "https://h/",
+            "--ca",
+            "c",
+            "--body",
+            "a",
+            "--body",
+            "b",
+            "--expect-status",
+            "400",
+        ])
+        .unwrap();
+        assert_eq!(a.body, [PathBuf::from("a"), PathBuf::from("b")]);
+        assert_eq!(a.expect_status, 400);
+    }
 }
