@@ -2,8 +2,9 @@
 //! must not panic on them, and asserts the invariants its input path promises.
 //!
 //! They live in a library, not in the libFuzzer harnesses, so that the corpus
-//! replay test (`tests/corpus.rs`) runs every committed input through exactly the
-//! code libFuzzer runs, on stable and without cargo-fuzz.
+//! replay test (`tests/integration/fuzz_corpus.rs`, in the main workspace) runs
+//! every committed input through exactly the code libFuzzer runs, on stable and
+//! without cargo-fuzz.
 
 pub mod admission;
 pub mod pem;
