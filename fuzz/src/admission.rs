@@ -37,10 +37,16 @@ fn index() -> Index {
     let entries = [
         ("shop/deployment/checkout/migrate", entry('a', None)),
         ("shop/deployment/checkout/app", entry('b', None)),
-        ("shop/deployment/checkout/envoy", entry('c', Some("crash loop after injection"))),
+        (
+            "shop/deployment/checkout/envoy",
+            entry('c', Some("crash loop after injection")),
+        ),
         ("kubewarden/deployment/kubewarden-controller/manager", entry('d', None)),
         ("default/pod/busybox/busybox", entry('e', None)),
-        ("default/pod/busybox/init-myservice", entry('a', Some("crash loop after injection"))),
+        (
+            "default/pod/busybox/init-myservice",
+            entry('a', Some("crash loop after injection")),
+        ),
         ("demo/deployment/demo-crd-resource/demo-crd-resource", entry('b', None)),
         ("shop/pod/debug-shell/debug-shell", entry('c', None)),
     ];
@@ -112,7 +118,9 @@ pub fn fuzz_one(data: &[u8]) {
         let Some(response) = review.response.as_ref() else {
             panic!("mutate answered without a response");
         };
-        let Some(patch) = response.patch.as_deref() else { continue };
+        let Some(patch) = response.patch.as_deref() else {
+            continue;
+        };
         let patch: json_patch::Patch = match serde_json::from_slice(patch) {
             Ok(p) => p,
             Err(e) => panic!("the patch is not a JSON patch: {e}"),

@@ -9,7 +9,10 @@ fn round_trip(p: &SeccompProfile) {
     let canonical = p.canonical_json();
     let back: SeccompProfile = match serde_json::from_slice(&canonical) {
         Ok(b) => b,
-        Err(e) => panic!("canonical JSON does not parse back: {e}\n{}", String::from_utf8_lossy(&canonical)),
+        Err(e) => panic!(
+            "canonical JSON does not parse back: {e}\n{}",
+            String::from_utf8_lossy(&canonical)
+        ),
     };
     assert_eq!(&back, p, "the canonical JSON reads back as another profile");
     assert_eq!(back.canonical_json(), canonical, "canonical JSON is not a fixed point");
@@ -29,5 +32,9 @@ pub fn fuzz_one(data: &[u8]) {
     round_trip(&profile);
     let log = profile.log_variant();
     round_trip(&log);
-    assert_eq!(log.allowed(), profile.allowed(), "the Log variant allows other syscalls");
+    assert_eq!(
+        log.allowed(),
+        profile.allowed(),
+        "the Log variant allows other syscalls"
+    );
 }

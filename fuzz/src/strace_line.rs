@@ -22,7 +22,11 @@ pub fn fuzz_one(data: &[u8]) {
         panic!("reading from memory failed: {e}");
     }
     let (baselines, report) = ingest.finish();
-    assert!(baselines.len() <= 1, "one strace input made {} baselines", baselines.len());
+    assert!(
+        baselines.len() <= 1,
+        "one strace input made {} baselines",
+        baselines.len()
+    );
     assert!(
         report.malformed_samples.len() <= profile_store::ingest::MALFORMED_SAMPLES,
         "more malformed samples than the cap"
