@@ -7,6 +7,7 @@
 mod certs_rotation;
 mod common;
 mod e2e;
+mod fuzz_corpus;
 mod hostile;
 mod profiles_cli;
 mod security;
