@@ -120,30 +120,51 @@ pub(crate) fn run(args: ValidateArgs) -> Result<ExitCode> {
         Err(e) => return Ok(environment_error(e)),
     };
     print(&report, args.json)?;
+    conclude(target, report.pass, args.update, &usage, |new_profile| {
+        let (second, _) = match validator::validate(&args.command, new_profile, runtime, timeout, exe.as_deref()) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(environment_error(e))),
+        };
+        print(&second, args.json)?;
+        Ok(Ok(second.pass))
+    })
+}
+
+/// What follows a check of a store's version: a pass marks it Validated; a
+/// failure with `--update` teaches the baseline `usage`, renders a new draft and
+/// checks it with `recheck` (which prints its report and says whether it passed,
+/// or gives the exit code of a run that could not be made), marking it Validated
+/// when it passes. Without a store, the verdict alone.
+fn conclude(
+    target: Option<Target>,
+    pass: bool,
+    update: bool,
+    usage: &validator::trace::Usage,
+    recheck: impl FnOnce(&SeccompProfile) -> Result<Result<bool, ExitCode>>,
+) -> Result<ExitCode> {
     let Some((store, key, version)) = target else {
-        return Ok(verdict(report.pass));
+        return Ok(verdict(pass));
     };
-    if report.pass {
+    if pass {
         mark_validated(store.as_ref(), &key, &version)?;
         eprintln!("{key}: version {version} is Validated");
         return Ok(ExitCode::SUCCESS);
     }
-    if !args.update {
+    if !update {
         return Ok(ExitCode::from(EXIT_BREAKS));
     }
-    let Some((new_profile, new)) = learn(store.as_ref(), &key, &usage)? else {
+    let Some((new_profile, new)) = learn(store.as_ref(), &key, usage)? else {
         return Ok(ExitCode::from(EXIT_BREAKS));
     };
-    let (second, _) = match validator::validate(&args.command, &new_profile, runtime, timeout, exe.as_deref()) {
-        Ok(r) => r,
-        Err(e) => return Ok(environment_error(e)),
+    let second = match recheck(&new_profile)? {
+        Ok(pass) => pass,
+        Err(code) => return Ok(code),
     };
-    print(&second, args.json)?;
-    if second.pass {
+    if second {
         mark_validated(store.as_ref(), &key, &new)?;
         eprintln!("{key}: version {new} is Validated");
     }
-    Ok(verdict(second.pass))
+    Ok(verdict(second))
 }
 
 /// The baseline learns from staging: merges `usage` into `key`'s baseline and
@@ -207,27 +228,11 @@ fn read_trace(
         }
     };
     print_trace(&report, args.json)?;
-    let Some((store, key, version)) = target else {
-        return Ok(verdict(report.pass));
-    };
-    if report.pass {
-        mark_validated(store.as_ref(), &key, &version)?;
-        eprintln!("{key}: version {version} is Validated");
-        return Ok(ExitCode::SUCCESS);
-    }
-    if !args.update {
-        return Ok(ExitCode::from(EXIT_BREAKS));
-    }
-    let Some((new_profile, new)) = learn(store.as_ref(), &key, &usage)? else {
-        return Ok(ExitCode::from(EXIT_BREAKS));
-    };
-    let second = validator::readback::judge_trace(&name, &usage, &new_profile)?;
-    print_trace(&second, args.json)?;
-    if second.pass {
-        mark_validated(store.as_ref(), &key, &new)?;
-        eprintln!("{key}: version {new} is Validated");
-    }
-    Ok(verdict(second.pass))
+    conclude(target, report.pass, args.update, &usage, |new_profile| {
+        let second = validator::readback::judge_trace(&name, &usage, new_profile)?;
+        print_trace(&second, args.json)?;
+        Ok(Ok(second.pass))
+    })
 }
 
 fn print_trace(report: &validator::readback::TraceReport, json: bool) -> Result<()> {
