@@ -2,8 +2,8 @@
 //! generated CA, real AdmissionReviews, malformed input, store updates, shutdown.
 
 use crate::common::{data, store_in, tether};
+use crate::hostile::patch_of;
 use crate::tls::{client, client_config};
-use base64::Engine;
 use serde_json::{Value, json};
 use std::time::Duration;
 use webhook::policy::Policy;
@@ -66,19 +66,6 @@ impl Setup {
             (reqwest::Version::HTTP_2, client(client_config(&self.ca, None), true)),
             (reqwest::Version::HTTP_11, client(h1, true)),
         ]
-    }
-}
-
-fn patch_of(res: &Value) -> Value {
-    // Go's encoding of []byte, which the API server reads.
-    let bytes: Vec<u8> = res["patch"]
-        .as_str()
-        .map(|b64| base64::engine::general_purpose::STANDARD.decode(b64).unwrap())
-        .unwrap_or_default();
-    if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
     }
 }
 
