@@ -308,36 +308,252 @@ fn serve_command(
     cmd
 }
 
-/// The suite's webhook configurations `name`: the local webhook at `base`
-/// (`https://HOST:PORT`) trusted through `ca_pem`, for pod CREATEs in the
-/// namespaces labelled `tether.dev/e2e=<run>` only, failing closed.
+/// The webhook configurations `deploy/` ships, parsed from
+/// deploy/base/webhook/, so a change there (a failurePolicy, the selector's
+/// bypasses) is what the suite tests.
+fn deployed_configurations() -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
+    let read = |file: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/base/webhook")
+            .join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let m = serde_saphyr::from_str(&read("mutatingwebhookconfiguration.yaml")).unwrap();
+    let v = serde_saphyr::from_str(&read("validatingwebhookconfiguration.yaml")).unwrap();
+    (m, v)
+}
+
+/// The suite's webhook configurations `name`: `deploy/`'s (failure policies,
+/// timeouts, rules, and the namespace selector's bypasses), but calling the
+/// local webhook at `base` (`https://HOST:PORT`) trusted through `ca_pem`, and
+/// only for the namespaces labelled `tether.dev/e2e=<run>` as well.
 fn webhook_configurations(
     name: &str,
     run: &str,
     base: &str,
     ca_pem: &str,
 ) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
-    let ca_bundle = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ca_pem.as_bytes());
-    let hook = |name: &str, path: &str| {
-        json!({
-            "name": name,
-            "clientConfig": {"url": format!("{base}{path}"), "caBundle": ca_bundle},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
-            "namespaceSelector": {"matchLabels": {"tether.dev/e2e": run}},
-            "failurePolicy": "Fail",
-            "sideEffects": "None",
-            "timeoutSeconds": 10,
-            "admissionReviewVersions": ["v1"],
-        })
+    use k8s_openapi::api::admissionregistration::v1::WebhookClientConfig;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    let ca_bundle = k8s_openapi::ByteString(ca_pem.as_bytes().to_vec());
+    let client = |path: &str| WebhookClientConfig {
+        url: Some(format!("{base}{path}")),
+        ca_bundle: Some(ca_bundle.clone()),
+        service: None,
     };
-    let mut mutate = hook("mutate.e2e.tether.dev", "/mutate");
-    mutate["reinvocationPolicy"] = json!("IfNeeded");
-    let m = serde_json::from_value(json!({"metadata": {"name": name}, "webhooks": [mutate]})).unwrap();
-    let v = serde_json::from_value(json!({
-        "metadata": {"name": name}, "webhooks": [hook("validate.e2e.tether.dev", "/validate")]
-    }))
-    .unwrap();
+    let only_this_run = |selector: &mut Option<LabelSelector>| {
+        let selector = selector.get_or_insert_with(Default::default);
+        selector
+            .match_labels
+            .get_or_insert_with(Default::default)
+            .insert("tether.dev/e2e".into(), run.into());
+    };
+    let (mut m, mut v) = deployed_configurations();
+    m.metadata = kube::api::ObjectMeta {
+        name: Some(name.into()),
+        ..Default::default()
+    };
+    v.metadata = m.metadata.clone();
+    for hook in m.webhooks.iter_mut().flatten() {
+        hook.name = hook.name.replace(".tether.dev", ".e2e.tether.dev");
+        hook.client_config = client("/mutate");
+        only_this_run(&mut hook.namespace_selector);
+    }
+    for hook in v.webhooks.iter_mut().flatten() {
+        hook.name = hook.name.replace(".tether.dev", ".e2e.tether.dev");
+        hook.client_config = client("/validate");
+        only_this_run(&mut hook.namespace_selector);
+    }
     (m, v)
+}
+
+/// Makes the mutating webhooks of `m` fail closed: a test that expects an
+/// injection then gets an error, not a pod silently admitted without one.
+fn fail_closed(mut m: MutatingWebhookConfiguration) -> MutatingWebhookConfiguration {
+    for hook in m.webhooks.iter_mut().flatten() {
+        hook.failure_policy = Some("Fail".into());
+    }
+    m
+}
+
+/// The client configuration of `kubeconfig` (its server decides the webhook's host).
+async fn config_of(kubeconfig: &str) -> kube::Config {
+    let k = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    kube::Config::from_custom_kubeconfig(k, &Default::default())
+        .await
+        .unwrap()
+}
+
+/// A name for this run's objects, so runs (and leftovers of failed ones) never
+/// share one.
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{:08x}", nanos ^ std::process::id())
+}
+
+/// Creates the namespaces `(name, labels)`, each also labelled
+/// `tether.dev/e2e=<run>` (what the suite's webhooks select), recorded for clean-up.
+async fn create_namespaces<const N: usize>(
+    client: &kube::Client,
+    cleanup: &mut Cleanup,
+    run: &str,
+    namespaces: [(&String, serde_json::Value); N],
+) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: Api<Namespace> = Api::all(client.clone());
+    for (name, mut labels) in namespaces {
+        labels["tether.dev/e2e"] = json!(run);
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+        cleanup.namespaces.push(name.clone());
+        api.create(&PostParams::default(), &ns).await.unwrap();
+    }
+}
+
+/// Stores the profiles of `events` with `tether build --store kube://` and
+/// returns the active version of `key`, which the build must have written.
+async fn build_probe_profiles(
+    kubeconfig: &str,
+    events: std::path::PathBuf,
+    key: &profile_store::WorkloadKey,
+) -> String {
+    let kubeconfig = kubeconfig.to_string();
+    let key = key.to_string();
+    tokio::task::spawn_blocking(move || {
+        let build = tether_kube(
+            &kubeconfig,
+            &["build", "--from", events.to_str().unwrap(), "--store", "kube://"],
+        )
+        .expect_code(0);
+        assert!(build.stdout.contains(&key), "{}", build.stdout);
+        let list = tether_kube(&kubeconfig, &["profiles", "list", "--store", "kube://", "--json"]).expect_code(0);
+        let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == key.as_str())
+            .and_then(|r| r["active"]["version"].as_str())
+            .unwrap_or_else(|| panic!("{key} has no active version: {list}"))
+            .to_string()
+    })
+    .await
+    .unwrap()
+}
+
+/// A local `tether serve` the API server calls at `https://HOST:PORT`: its
+/// serving certificate (for HOST), policy and log live in the test's directory,
+/// so it can be stopped and started again on the same port.
+struct LocalWebhook {
+    kubeconfig: String,
+    system: String,
+    run: String,
+    host: String,
+    port: u16,
+    metrics: std::net::SocketAddr,
+    ca_pem: String,
+    pki_dir: std::path::PathBuf,
+    policy: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl LocalWebhook {
+    /// Picks the ports and writes the certificates and the policy under `dir`.
+    fn new(config: &kube::Config, kubeconfig: &str, system: &str, run: &str, dir: &std::path::Path) -> LocalWebhook {
+        let host = webhook_host(config);
+        let pki = certs::generate::for_service("tether-e2e", system, std::slice::from_ref(&host), 1).unwrap();
+        let pki_dir = dir.join("pki");
+        pki.write(&pki_dir, false).unwrap();
+        let policy = dir.join("policy.yaml");
+        std::fs::write(&policy, E2E_POLICY).unwrap();
+        LocalWebhook {
+            kubeconfig: kubeconfig.to_string(),
+            system: system.to_string(),
+            run: run.to_string(),
+            host,
+            port: free_port(),
+            metrics: ([127, 0, 0, 1], free_port()).into(),
+            ca_pem: pki.ca_cert,
+            pki_dir,
+            policy,
+            log: dir.join("serve.log"),
+        }
+    }
+
+    /// Starts `tether serve` (appending to its log), hands the process to
+    /// `cleanup`, and waits until `/readyz` answers 200; fails at once, with the
+    /// log, if it exits first (a port taken, a bad flag).
+    async fn start(&self, cleanup: &mut Cleanup) {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        cleanup.serve_log = Some(self.log.clone());
+        let mut serve = serve_command(
+            &self.kubeconfig,
+            &self.system,
+            &self.run,
+            &self.pki_dir,
+            self.port,
+            self.metrics,
+            &self.policy,
+        );
+        cleanup.serve = Some(
+            serve
+                .stdout(log_file.try_clone().unwrap())
+                .stderr(log_file)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !ready(self.metrics).await {
+            if let Some(Ok(Some(status))) = cleanup.serve.as_mut().map(std::process::Child::try_wait) {
+                panic!("tether serve exited ({status}) before it was ready");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "tether serve not ready on {} after 60s",
+                self.metrics
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The suite's webhook configurations `name`, calling this webhook.
+    fn configurations(&self, name: &str) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
+        webhook_configurations(name, &self.run, &base_url(&self.host, self.port), &self.ca_pem)
+    }
+}
+
+/// Waits until a dry-run create of the probe pod in `pods`' namespace comes
+/// back with its profile: the API server has picked up the webhook
+/// configurations and the webhook has indexed the stored profiles. A dry run
+/// has no side effects (the webhooks declare none), so polling leaves nothing.
+async fn injected_on_dry_run(pods: &Api<k8s_openapi::api::core::v1::Pod>) {
+    let profile_annotation = format!("tether.dev/profile.{PROBE}");
+    eventually(
+        "the API server calling the webhook, and the profile indexed",
+        60,
+        || {
+            let pods = pods.clone();
+            let profile_annotation = profile_annotation.clone();
+            async move {
+                let dry_create = PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                };
+                let pod = pods
+                    .create(&dry_create, &probe_pod(json!({})))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                annotation(&pod, &profile_annotation)
+                    .ok_or_else(|| format!("admitted without a profile: {:?}", tether_annotations(&pod)))
+            }
+        },
+    )
+    .await;
 }
 
 /// The container of the fixture's bare pod `dry-probe`: key
@@ -367,6 +583,16 @@ impl Cleanup {
             crds: Vec::new(),
             serve: None,
             serve_log: None,
+        }
+    }
+}
+
+impl Cleanup {
+    /// Kills the local webhook and waits for it: tether is down.
+    fn stop_serve(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
         }
     }
 }
@@ -646,7 +872,7 @@ fn probe_fixture(namespaces: &[&str], dir: &std::path::Path) -> std::path::PathB
 /// into fallback by the crash watcher, with the next pod getting the fallback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_injects_and_the_crash_watcher_falls_back_on_a_real_cluster() {
-    use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+    use k8s_openapi::api::core::v1::{Event, Pod};
     use kube::api::{ListParams, Patch, PatchParams};
     use profile_store::WorkloadKey;
     use profile_store::crd::WorkloadProfile;
@@ -658,106 +884,45 @@ async fn webhook_injects_and_the_crash_watcher_falls_back_on_a_real_cluster() {
     // from here when a step failed.
     let dir = tempfile::tempdir().unwrap();
     let mut cleanup = Cleanup::new(&kubeconfig);
-    let config = {
-        let k = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
-        kube::Config::from_custom_kubeconfig(k, &Default::default())
-            .await
-            .unwrap()
-    };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let run = format!("{:08x}", nanos ^ std::process::id());
+    let config = config_of(&kubeconfig).await;
+    let run = run_id();
     let system = format!("tether-e2e-{run}-system");
     let enforce = format!("tether-e2e-{run}-enforce");
     let dry_run = format!("tether-e2e-{run}-dry-run");
     let exempting = format!("tether-e2e-{run}-exempting");
 
     install_crds(&client, &mut cleanup).await;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    for (name, labels) in [
-        (&system, json!({})),
-        (&enforce, json!({"tether.dev/mode": "enforce"})),
-        (&dry_run, json!({"tether.dev/mode": "dry-run"})),
-        (
-            &exempting,
-            json!({"tether.dev/mode": "enforce", "tether.dev/allow-exemptions": "true"}),
-        ),
-    ] {
-        let mut labels = labels;
-        labels["tether.dev/e2e"] = json!(run);
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
-        cleanup.namespaces.push(name.clone());
-        namespaces.create(&PostParams::default(), &ns).await.unwrap();
-    }
+    create_namespaces(
+        &client,
+        &mut cleanup,
+        &run,
+        [
+            (&system, json!({})),
+            (&enforce, json!({"tether.dev/mode": "enforce"})),
+            (&dry_run, json!({"tether.dev/mode": "dry-run"})),
+            (
+                &exempting,
+                json!({"tether.dev/mode": "enforce", "tether.dev/allow-exemptions": "true"}),
+            ),
+        ],
+    )
+    .await;
 
     // Profiles, stored as `tether build` stores them.
     let events = probe_fixture(&[&enforce, &dry_run, &exempting], dir.path());
     let key = WorkloadKey::new(&enforce, "Pod", PROBE, PROBE).unwrap();
-    let version = {
-        let kubeconfig = kubeconfig.clone();
-        let key = key.to_string();
-        tokio::task::spawn_blocking(move || {
-            let build = tether_kube(
-                &kubeconfig,
-                &["build", "--from", events.to_str().unwrap(), "--store", "kube://"],
-            )
-            .expect_code(0);
-            assert!(build.stdout.contains(&key), "{}", build.stdout);
-            let list = tether_kube(&kubeconfig, &["profiles", "list", "--store", "kube://", "--json"]).expect_code(0);
-            let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
-            list.as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["key"] == key.as_str())
-                .and_then(|r| r["active"]["version"].as_str())
-                .unwrap_or_else(|| panic!("{key} has no active version: {list}"))
-                .to_string()
-        })
-        .await
-        .unwrap()
-    };
+    let version = build_probe_profiles(&kubeconfig, events, &key).await;
     let injected = profile_store::store::localhost_profile(&key, &version.parse().unwrap());
 
     // The webhook, local, reachable by the API server at HOST:PORT.
-    let host = webhook_host(&config);
-    let port = free_port();
-    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let pki = certs::generate::for_service("tether-e2e", &system, std::slice::from_ref(&host), 1).unwrap();
-    let pki_dir = dir.path().join("pki");
-    pki.write(&pki_dir, false).unwrap();
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, E2E_POLICY).unwrap();
-    let log = dir.path().join("serve.log");
-    let log_file = std::fs::File::create(&log).unwrap();
-    cleanup.serve_log = Some(log.clone());
-    let mut serve = serve_command(&kubeconfig, &system, &run, &pki_dir, port, metrics, &policy);
-    cleanup.serve = Some(
-        serve
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .unwrap(),
-    );
-    // Ready, or gone (a port taken, a bad flag): then fail at once, with its log.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !ready(metrics).await {
-        if let Some(Ok(Some(status))) = cleanup.serve.as_mut().map(std::process::Child::try_wait) {
-            panic!("tether serve exited ({status}) before it was ready");
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "tether serve not ready on {metrics} after 60s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+    let local = LocalWebhook::new(&config, &kubeconfig, &system, &run, dir.path());
+    local.start(&mut cleanup).await;
 
     let config_name = format!("tether-e2e-{run}");
     cleanup.webhook_configurations.push(config_name.clone());
-    let (m, v) = webhook_configurations(&config_name, &run, &base_url(&host, port), &pki.ca_cert);
+    let (m, v) = local.configurations(&config_name);
     Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .create(&PostParams::default(), &m)
+        .create(&PostParams::default(), &fail_closed(m))
         .await
         .unwrap();
     Api::<ValidatingWebhookConfiguration>::all(client.clone())
@@ -770,28 +935,8 @@ async fn webhook_injects_and_the_crash_watcher_falls_back_on_a_real_cluster() {
         dry_run: true,
         ..Default::default()
     };
-    // The API server picks up new webhook configurations, and the webhook the
-    // stored profiles, within moments: a dry-run create (no side effects, the
-    // webhooks declare none) shows when both have.
     let profile_annotation = format!("tether.dev/profile.{PROBE}");
-    eventually(
-        "the API server calling the webhook, and the profile indexed",
-        60,
-        || {
-            let pods = enforce_pods.clone();
-            let dry_create = dry_create.clone();
-            let profile_annotation = profile_annotation.clone();
-            async move {
-                let pod = pods
-                    .create(&dry_create, &probe_pod(json!({})))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                annotation(&pod, &profile_annotation)
-                    .ok_or_else(|| format!("admitted without a profile: {:?}", tether_annotations(&pod)))
-            }
-        },
-    )
-    .await;
+    injected_on_dry_run(&enforce_pods).await;
 
     // enforce: the stored pod has the profile and says which version.
     let first = enforce_pods
@@ -955,6 +1100,157 @@ async fn webhook_injects_and_the_crash_watcher_falls_back_on_a_real_cluster() {
     drop(cleanup);
 }
 
+/// What README "When tether is down" promises, on a real cluster, with
+/// `deploy/`'s webhook configurations: while no webhook answers, pod creation
+/// fails in a covered namespace (the validating webhook fails closed); labelling
+/// the namespace `tether.dev/mode=off` lets pods in; deleting the validating
+/// configuration lets them in everywhere, without a profile (the mutating
+/// webhook fails open); and re-applying it with tether back restores injection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_creation_while_tether_is_down_follows_the_failure_policies_on_a_real_cluster() {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use kube::api::{Patch, PatchParams};
+    use profile_store::WorkloadKey;
+
+    let Some((client, kubeconfig)) = cluster().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::new(&kubeconfig);
+    let config = config_of(&kubeconfig).await;
+    let run = run_id();
+    let system = format!("tether-e2e-{run}-system");
+    let covered = format!("tether-e2e-{run}-covered");
+    let glass = format!("tether-e2e-{run}-glass");
+
+    install_crds(&client, &mut cleanup).await;
+    create_namespaces(
+        &client,
+        &mut cleanup,
+        &run,
+        [
+            (&system, json!({})),
+            (&covered, json!({"tether.dev/mode": "enforce"})),
+            (&glass, json!({"tether.dev/mode": "enforce"})),
+        ],
+    )
+    .await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let events = probe_fixture(&[&covered, &glass], dir.path());
+    let key = WorkloadKey::new(&covered, "Pod", PROBE, PROBE).unwrap();
+    build_probe_profiles(&kubeconfig, events, &key).await;
+
+    let local = LocalWebhook::new(&config, &kubeconfig, &system, &run, dir.path());
+    local.start(&mut cleanup).await;
+    let config_name = format!("tether-e2e-{run}");
+    cleanup.webhook_configurations.push(config_name.clone());
+    let (m, v) = local.configurations(&config_name);
+    assert_eq!(
+        (
+            m.webhooks.as_ref().unwrap()[0].failure_policy.as_deref(),
+            v.webhooks.as_ref().unwrap()[0].failure_policy.as_deref()
+        ),
+        (Some("Ignore"), Some("Fail")),
+        "deploy/ changed its failure policies: README \"When tether is down\" and this test follow them"
+    );
+    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    mutating.create(&PostParams::default(), &m).await.unwrap();
+    validating.create(&PostParams::default(), &v).await.unwrap();
+    let covered_pods: Api<Pod> = Api::namespaced(client.clone(), &covered);
+    let glass_pods: Api<Pod> = Api::namespaced(client.clone(), &glass);
+    injected_on_dry_run(&covered_pods).await;
+    injected_on_dry_run(&glass_pods).await;
+
+    // tether is down: the validating webhook cannot be called and fails closed.
+    cleanup.stop_serve();
+    for pods in [&covered_pods, &glass_pods] {
+        let refused = pods
+            .create(&PostParams::default(), &probe_pod(json!({})))
+            .await
+            .expect_err("a pod was created in a covered namespace while tether was down");
+        let text = refused.to_string();
+        assert!(
+            text.contains("failed calling webhook") && text.contains("validate.e2e.tether.dev"),
+            "not refused by the unreachable validating webhook: {text}"
+        );
+    }
+    assert!(
+        covered_pods.list(&Default::default()).await.unwrap().items.is_empty(),
+        "a refused create left a pod"
+    );
+
+    // Smallest hammer: the namespace opts out, and only it.
+    namespaces
+        .patch(
+            &glass,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"tether.dev/mode": "off"}}})),
+        )
+        .await
+        .unwrap();
+    let pod = eventually("pods created in the namespace labelled off", 60, || {
+        let pods = glass_pods.clone();
+        async move {
+            pods.create(&PostParams::default(), &probe_pod(json!({})))
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    assert_eq!(seccomp_of(&pod), None);
+    assert!(tether_annotations(&pod).is_empty(), "{:?}", tether_annotations(&pod));
+    let opened = covered_pods.create(&PostParams::default(), &probe_pod(json!({}))).await;
+    assert!(opened.is_err(), "labelling one namespace off opened another");
+
+    // Larger hammer: no validating configuration; the mutating webhook is still
+    // unreachable and fails open, so pods come in without a profile.
+    validating.delete(&config_name, &DeleteParams::default()).await.unwrap();
+    let pod = eventually("pods created with the validating configuration deleted", 60, || {
+        let pods = covered_pods.clone();
+        async move {
+            pods.create(&PostParams::default(), &probe_pod(json!({})))
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    assert_eq!(seccomp_of(&pod), None, "a profile while tether was down");
+    assert!(tether_annotations(&pod).is_empty(), "{:?}", tether_annotations(&pod));
+
+    // Undo: tether back, the configuration re-applied; pods get profiles again
+    // and an Unconfined set by hand is refused again.
+    local.start(&mut cleanup).await;
+    validating.create(&PostParams::default(), &v).await.unwrap();
+    injected_on_dry_run(&covered_pods).await;
+    let unconfined: Pod = serde_json::from_value(json!({
+        "metadata": {"generateName": format!("{PROBE}-")},
+        "spec": {
+            "schedulerName": "tether-e2e-no-such-scheduler",
+            "containers": [{"name": PROBE, "image": "registry.k8s.io/pause:3.10",
+                "securityContext": {"seccompProfile": {"type": "Unconfined"}}}],
+        },
+    }))
+    .unwrap();
+    eventually("the validating webhook to refuse Unconfined again", 60, || {
+        let pods = covered_pods.clone();
+        let unconfined = unconfined.clone();
+        async move {
+            let dry_create = PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            match pods.create(&dry_create, &unconfined).await {
+                Ok(_) => Err("Unconfined admitted".to_string()),
+                Err(e) if e.to_string().contains("Unconfined") => Ok(()),
+                Err(e) => Err(format!("refused, but not for Unconfined: {e}")),
+            }
+        }
+    })
+    .await;
+    drop(cleanup);
+}
+
 #[test]
 fn webhook_host_refuses_a_loopback_api_server_and_says_what_to_set() {
     let err = host_towards(([127, 0, 0, 1], 6443).into()).unwrap_err();
@@ -964,12 +1260,19 @@ fn webhook_host_refuses_a_loopback_api_server_and_says_what_to_set() {
 }
 
 #[test]
-fn e2e_webhook_configurations_call_the_local_url_with_the_ca_and_select_only_the_run() {
+fn e2e_webhook_configurations_are_deploys_calling_the_local_url_for_the_run_only() {
     let pki = certs::generate::for_service("tether-e2e", "tether-e2e-x-system", &["192.0.2.1".into()], 1).unwrap();
     let (m, v) = webhook_configurations("tether-e2e-x", "x", "https://192.0.2.1:8443", &pki.ca_cert);
+    let (deployed_m, deployed_v) = deployed_configurations();
     let m = m.webhooks.unwrap();
     let v = v.webhooks.unwrap();
+    let deployed_m = deployed_m.webhooks.unwrap();
+    let deployed_v = deployed_v.webhooks.unwrap();
     assert_eq!((m.len(), v.len()), (1, 1));
+    assert_eq!(
+        (m[0].name.as_str(), v[0].name.as_str()),
+        ("mutate.e2e.tether.dev", "validate.e2e.tether.dev")
+    );
     for (hook, path) in [(&m[0].client_config, "/mutate"), (&v[0].client_config, "/validate")] {
         assert_eq!(
             hook.url.as_deref(),
@@ -978,15 +1281,46 @@ fn e2e_webhook_configurations_call_the_local_url_with_the_ca_and_select_only_the
         assert_eq!(hook.service, None);
         assert_eq!(hook.ca_bundle.as_ref().unwrap().0, pki.ca_cert.as_bytes());
     }
-    assert_eq!(m[0].failure_policy.as_deref(), Some("Fail"));
-    assert_eq!(v[0].failure_policy.as_deref(), Some("Fail"));
-    let selector = m[0].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
-    assert_eq!(selector.get("tether.dev/e2e").map(String::as_str), Some("x"));
+    // What the "tether down" test depends on is deploy/'s, unchanged.
+    assert_eq!(m[0].failure_policy, deployed_m[0].failure_policy);
+    assert_eq!(v[0].failure_policy, deployed_v[0].failure_policy);
+    assert_eq!(m[0].rules, deployed_m[0].rules);
+    assert_eq!(m[0].timeout_seconds, deployed_m[0].timeout_seconds);
+    let selector = m[0].namespace_selector.as_ref().unwrap();
+    assert_eq!(
+        selector.match_expressions,
+        deployed_m[0].namespace_selector.as_ref().unwrap().match_expressions
+    );
+    assert!(
+        selector
+            .match_expressions
+            .iter()
+            .flatten()
+            .any(|e| e.key == "tether.dev/mode"
+                && e.operator == "NotIn"
+                && e.values.as_deref() == Some(&["off".to_string()][..])),
+        "{selector:?}"
+    );
+    assert_eq!(
+        selector
+            .match_labels
+            .as_ref()
+            .unwrap()
+            .get("tether.dev/e2e")
+            .map(String::as_str),
+        Some("x")
+    );
     assert_eq!(v[0].namespace_selector, m[0].namespace_selector);
     assert_eq!(
         m[0].rules.as_ref().unwrap()[0].operations.as_deref(),
         Some(&["CREATE".to_string()][..])
     );
+    // The injection test fails closed on the mutating webhook instead.
+    let closed = fail_closed(MutatingWebhookConfiguration {
+        webhooks: Some(m),
+        ..Default::default()
+    });
+    assert_eq!(closed.webhooks.unwrap()[0].failure_policy.as_deref(), Some("Fail"));
 }
 
 #[test]
