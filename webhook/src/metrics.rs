@@ -35,6 +35,19 @@ pub enum Outcome {
     invalid,
 }
 
+impl Outcome {
+    /// The name, as in the metric label and the admission log line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::allowed => "allowed",
+            Outcome::patched => "patched",
+            Outcome::warned => "warned",
+            Outcome::denied => "denied",
+            Outcome::invalid => "invalid",
+        }
+    }
+}
+
 /// Labels of admission requests.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
