@@ -20,7 +20,7 @@ pub enum Endpoint {
 }
 
 /// What the answer was.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 #[allow(non_camel_case_types)]
 pub enum Outcome {
     /// Allowed without changes (including requests tether does not handle).
@@ -36,7 +36,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The name, as in the metric label and the admission log line.
+    /// The name, in the metric label and the admission log line alike.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::allowed => "allowed",
@@ -45,6 +45,12 @@ impl Outcome {
             Outcome::denied => "denied",
             Outcome::invalid => "invalid",
         }
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.as_str())
     }
 }
 
