@@ -1,9 +1,8 @@
 //! Certificate rotation and client authentication against a real TLS server, with
 //! a real HTTP/2 client.
 
-use crate::tls::{client, client_config, serve};
+use crate::tls::{client, client_config, resolver_in, serve};
 use certs::generate::{Usage, Validity, for_service, issue, new_ca};
-use certs::{CertMetrics, ReloadingResolver};
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,12 +54,7 @@ async fn rotation_through_the_data_symlink_drops_no_request_and_new_connections_
     .unwrap();
     let (old_der, new_der) = (leaf_der(&pki.cert), leaf_der(&new_cert));
 
-    let resolver = ReloadingResolver::new(
-        &dir.path().join("tls.crt"),
-        &dir.path().join("tls.key"),
-        CertMetrics::default(),
-    )
-    .unwrap();
+    let resolver = resolver_in(dir.path());
     let _watch = resolver.watch(POLL);
     let server = serve(certs::tls::server_config(resolver.clone(), None).unwrap()).await;
     let url = format!("https://localhost:{}/healthz", server.addr.port());
@@ -140,12 +134,7 @@ async fn a_broken_rotation_keeps_serving_the_old_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let pki = for_service("tether-webhook", "tether-system", &["localhost".into()], 30).unwrap();
     publish(dir.path(), "..v1", &pki.cert, &pki.key);
-    let resolver = ReloadingResolver::new(
-        &dir.path().join("tls.crt"),
-        &dir.path().join("tls.key"),
-        CertMetrics::default(),
-    )
-    .unwrap();
+    let resolver = resolver_in(dir.path());
     let _watch = resolver.watch(Duration::from_millis(200));
     let server = serve(certs::tls::server_config(resolver.clone(), None).unwrap()).await;
     let url = format!("https://localhost:{}/", server.addr.port());
@@ -197,12 +186,7 @@ async fn with_a_client_ca_only_clients_with_a_certificate_from_it_connect() {
     )
     .unwrap();
 
-    let resolver = ReloadingResolver::new(
-        &dir.path().join("tls.crt"),
-        &dir.path().join("tls.key"),
-        CertMetrics::default(),
-    )
-    .unwrap();
+    let resolver = resolver_in(dir.path());
     let config = certs::tls::server_config(resolver, Some(&client_ca_path)).unwrap();
     let server = serve(config).await;
     let url = format!("https://localhost:{}/", server.addr.port());
@@ -222,7 +206,7 @@ async fn with_a_client_ca_only_clients_with_a_certificate_from_it_connect() {
 }
 
 /// Runs `openssl s_client` with `flags` against `port`; returns (success, output).
-fn s_client(port: u16, flags: &[&str]) -> (bool, String) {
+pub fn s_client(port: u16, flags: &[&str]) -> (bool, String) {
     let out = std::process::Command::new("openssl")
         .args([
             "s_client",
@@ -248,12 +232,7 @@ async fn only_tls_1_2_and_1_3_and_alpn_offers_h2_and_http_1_1() {
     let dir = tempfile::tempdir().unwrap();
     let pki = for_service("tether-webhook", "tether-system", &["localhost".into()], 30).unwrap();
     pki.write(dir.path(), false).unwrap();
-    let resolver = ReloadingResolver::new(
-        &dir.path().join("tls.crt"),
-        &dir.path().join("tls.key"),
-        CertMetrics::default(),
-    )
-    .unwrap();
+    let resolver = resolver_in(dir.path());
     let server = serve(certs::tls::server_config(resolver, None).unwrap()).await;
     let port = server.addr.port();
     let result = tokio::task::spawn_blocking(move || {
@@ -300,12 +279,7 @@ async fn a_certificate_with_an_ip_san_is_accepted_by_a_client_dialing_that_ip() 
         let dir = tempfile::tempdir().unwrap();
         let pki = for_service("tether-webhook", "tether-e2e", &sans, 1).unwrap();
         pki.write(dir.path(), false).unwrap();
-        let resolver = ReloadingResolver::new(
-            &dir.path().join("tls.crt"),
-            &dir.path().join("tls.key"),
-            CertMetrics::default(),
-        )
-        .unwrap();
+        let resolver = resolver_in(dir.path());
         let server = serve(certs::tls::server_config(resolver, None).unwrap()).await;
         let url = format!("https://127.0.0.1:{}/mutate", server.addr.port());
         let got = client(client_config(&pki.ca_cert, None), false).get(&url).send().await;

@@ -521,9 +521,38 @@ impl LocalWebhook {
         }
     }
 
-    /// The suite's webhook configurations `name`, calling this webhook.
-    fn configurations(&self, name: &str) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
-        webhook_configurations(name, &self.run, &base_url(&self.host, self.port), &self.ca_pem)
+    /// The name of this run's webhook configurations, `tether-e2e-<run>`.
+    fn configuration_name(&self) -> String {
+        format!("tether-e2e-{}", self.run)
+    }
+
+    /// The suite's webhook configurations calling this webhook.
+    fn configurations(&self) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
+        webhook_configurations(
+            &self.configuration_name(),
+            &self.run,
+            &base_url(&self.host, self.port),
+            &self.ca_pem,
+        )
+    }
+
+    /// Creates `m` and `v` in the cluster, recorded for clean-up first.
+    async fn register(
+        &self,
+        client: &kube::Client,
+        cleanup: &mut Cleanup,
+        m: &MutatingWebhookConfiguration,
+        v: &ValidatingWebhookConfiguration,
+    ) {
+        cleanup.webhook_configurations.push(self.configuration_name());
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), m)
+            .await
+            .unwrap();
+        Api::<ValidatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), v)
+            .await
+            .unwrap();
     }
 }
 
@@ -918,17 +947,8 @@ async fn webhook_injects_and_the_crash_watcher_falls_back_on_a_real_cluster() {
     let local = LocalWebhook::new(&config, &kubeconfig, &system, &run, dir.path());
     local.start(&mut cleanup).await;
 
-    let config_name = format!("tether-e2e-{run}");
-    cleanup.webhook_configurations.push(config_name.clone());
-    let (m, v) = local.configurations(&config_name);
-    Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .create(&PostParams::default(), &fail_closed(m))
-        .await
-        .unwrap();
-    Api::<ValidatingWebhookConfiguration>::all(client.clone())
-        .create(&PostParams::default(), &v)
-        .await
-        .unwrap();
+    let (m, v) = local.configurations();
+    local.register(&client, &mut cleanup, &fail_closed(m), &v).await;
 
     let enforce_pods: Api<Pod> = Api::namespaced(client.clone(), &enforce);
     let dry_create = PostParams {
@@ -1142,9 +1162,7 @@ async fn pod_creation_while_tether_is_down_follows_the_failure_policies_on_a_rea
 
     let local = LocalWebhook::new(&config, &kubeconfig, &system, &run, dir.path());
     local.start(&mut cleanup).await;
-    let config_name = format!("tether-e2e-{run}");
-    cleanup.webhook_configurations.push(config_name.clone());
-    let (m, v) = local.configurations(&config_name);
+    let (m, v) = local.configurations();
     assert_eq!(
         (
             m.webhooks.as_ref().unwrap()[0].failure_policy.as_deref(),
@@ -1153,10 +1171,8 @@ async fn pod_creation_while_tether_is_down_follows_the_failure_policies_on_a_rea
         (Some("Ignore"), Some("Fail")),
         "deploy/ changed its failure policies: README \"When tether is down\" and this test follow them"
     );
-    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    local.register(&client, &mut cleanup, &m, &v).await;
     let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    mutating.create(&PostParams::default(), &m).await.unwrap();
-    validating.create(&PostParams::default(), &v).await.unwrap();
     let covered_pods: Api<Pod> = Api::namespaced(client.clone(), &covered);
     let glass_pods: Api<Pod> = Api::namespaced(client.clone(), &glass);
     injected_on_dry_run(&covered_pods).await;
@@ -1205,7 +1221,10 @@ async fn pod_creation_while_tether_is_down_follows_the_failure_policies_on_a_rea
 
     // Larger hammer: no validating configuration; the mutating webhook is still
     // unreachable and fails open, so pods come in without a profile.
-    validating.delete(&config_name, &DeleteParams::default()).await.unwrap();
+    validating
+        .delete(&local.configuration_name(), &DeleteParams::default())
+        .await
+        .unwrap();
     let pod = eventually("pods created with the validating configuration deleted", 60, || {
         let pods = covered_pods.clone();
         async move {

@@ -839,25 +839,8 @@ async fn a_panicking_handler_is_answered_500_counted_and_the_server_keeps_answer
         }),
     );
     let app = webhook::server::guard(routes, admission, REQUEST_TIMEOUT);
-    let resolver = certs::reload::ReloadingResolver::new(
-        &dir.path().join("pki/tls.crt"),
-        &dir.path().join("pki/tls.key"),
-        certs::reload::CertMetrics::default(),
-    )
-    .unwrap();
-    let tls = certs::tls::server_config(resolver, None).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(webhook::server::serve_tls(
-        listener,
-        Arc::new(tls),
-        app,
-        async {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(2),
-    ));
+    let server = crate::tls::TlsApp::start(&dir.path().join("pki"), app).await;
+    let port = server.port;
     let c = client(client_config(&pki.ca_cert, None), true);
     for round in 1..=2u64 {
         let resp = c
@@ -890,9 +873,5 @@ async fn a_panicking_handler_is_answered_500_counted_and_the_server_keeps_answer
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &metrics.registry()).unwrap();
     assert!(text.contains("tether_handler_panics_total 2\n"), "{text}");
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap();
+    server.shutdown().await;
 }

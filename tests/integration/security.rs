@@ -4,6 +4,7 @@
 //! path traversal through workload keys (pods, Tetragon events, the CLI, the
 //! node installer), and the TLS port (no plaintext, no TLS 1.0/1.1).
 
+use crate::certs_rotation::s_client;
 use crate::common::{data, store_in, tether};
 use crate::hostile::{CHECKOUT, Server, assert_no_panics, patch_of, review, serve};
 use profile_store::key::WorkloadKey;
@@ -538,25 +539,4 @@ async fn the_tls_port_speaks_no_plaintext_and_no_old_tls() {
     s.still_answers("plaintext and old TLS").await;
     assert_no_panics(&s).await;
     s.running.shutdown().await;
-}
-
-fn s_client(port: u16, flags: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-servername",
-            "localhost",
-        ])
-        .args(flags)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("openssl is installed (.ci/run installs it)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }

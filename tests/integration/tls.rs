@@ -81,3 +81,50 @@ pub fn client(config: rustls::ClientConfig, reuse: bool) -> reqwest::Client {
     }
     b.build().unwrap()
 }
+
+/// The reloading resolver over `dir/tls.crt` and `dir/tls.key`, as the servers
+/// under test load their serving pair.
+pub fn resolver_in(dir: &std::path::Path) -> Arc<certs::ReloadingResolver> {
+    certs::ReloadingResolver::new(
+        &dir.join("tls.crt"),
+        &dir.join("tls.key"),
+        certs::CertMetrics::default(),
+    )
+    .unwrap()
+}
+
+/// `app` served by `webhook::server::serve_tls` (the webhook's own connection
+/// handling) with the serving pair in `pki_dir`, on a free local port.
+pub struct TlsApp {
+    pub port: u16,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsApp {
+    pub async fn start(pki_dir: &std::path::Path, app: axum::Router) -> TlsApp {
+        let tls = certs::tls::server_config(resolver_in(pki_dir), None).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(webhook::server::serve_tls(
+            listener,
+            Arc::new(tls),
+            app,
+            async {
+                let _ = stopped.await;
+            },
+            std::time::Duration::from_secs(2),
+        ));
+        TlsApp { port, stop, task }
+    }
+
+    /// Stops it and waits (10 s at most) for it to drain and end.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -4,6 +4,7 @@
 //! container log is, and that log is judged.
 
 use crate::common::{store_in, tether, tether_stdin};
+use crate::validate_under_filter::allow_list;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -99,6 +100,15 @@ fn listed(store: &str, key: &str) -> Value {
         .unwrap_or_else(|| panic!("{key} not listed: {list}"))
 }
 
+/// The listed row's active version is marked Validated.
+fn assert_active_validated(row: &Value) {
+    assert_eq!(
+        row["active"]["status"].as_str().map(str::to_lowercase).as_deref(),
+        Some("validated"),
+        "{row}"
+    );
+}
+
 #[test]
 fn read_trace_of_the_printed_jobs_log_passes_under_its_profile_and_marks_it_validated() {
     let dir = tempfile::tempdir().unwrap();
@@ -124,11 +134,7 @@ fn read_trace_of_the_printed_jobs_log_passes_under_its_profile_and_marks_it_vali
     assert!(run.stdout.starts_with("PASS: trace"), "{}", run.stdout);
     assert!(run.stderr.contains("is Validated"), "{}", run.stderr);
     let row = listed(&store, key);
-    assert_eq!(
-        row["active"]["status"].as_str().map(str::to_lowercase).as_deref(),
-        Some("validated"),
-        "{row}"
-    );
+    assert_active_validated(&row);
 }
 
 #[test]
@@ -143,14 +149,7 @@ fn read_trace_names_a_syscall_the_profile_lacks_with_its_count_and_exits_1() {
     let mkdir = if calls(&log, "mkdir") > 0 { "mkdir" } else { "mkdirat" };
     let expected = calls(&log, mkdir);
     assert!(expected > 0, "the program made no {mkdir}");
-    let names = profile["syscalls"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|r| r["action"] == "SCMP_ACT_ALLOW")
-        .unwrap()["names"]
-        .as_array_mut()
-        .unwrap();
+    let names = allow_list(&mut profile);
     let before = names.len();
     names.retain(|n| n != mkdir);
     assert_eq!(names.len(), before - 1, "{mkdir} was not allowed");
@@ -224,11 +223,7 @@ fn read_trace_update_learns_the_trace_into_a_new_draft_judged_against_it() {
     let row = listed(&store, key);
     assert_eq!(row["versions"], 2, "{row}");
     assert_ne!(row["active"]["version"], first.as_str(), "{row}");
-    assert_eq!(
-        row["active"]["status"].as_str().map(str::to_lowercase).as_deref(),
-        Some("validated"),
-        "{row}"
-    );
+    assert_active_validated(&row);
 }
 
 #[test]

@@ -31,7 +31,8 @@ fn profile_from_probes(dir: &Path, key: &str, args: &[&str], rounds: usize) -> V
     serde_json::from_str(&shown.stdout).unwrap()
 }
 
-fn allow_list(profile: &mut Value) -> &mut Vec<Value> {
+/// The names of the profile's SCMP_ACT_ALLOW rule.
+pub fn allow_list(profile: &mut Value) -> &mut Vec<Value> {
     profile["syscalls"]
         .as_array_mut()
         .unwrap()

@@ -313,29 +313,12 @@ async fn each_connection_stays_on_one_thread_and_connections_spread() {
     let pki = certs::generate::for_service("tether-webhook", "tether-system", &["localhost".into()], 1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     pki.write(dir.path(), false).unwrap();
-    let resolver = certs::reload::ReloadingResolver::new(
-        &dir.path().join("tls.crt"),
-        &dir.path().join("tls.key"),
-        certs::reload::CertMetrics::default(),
-    )
-    .unwrap();
-    let tls = certs::tls::server_config(resolver, None).unwrap();
     let app = axum::Router::new().route(
         "/thread",
         get(|| async { std::thread::current().name().unwrap_or("unnamed").to_string() }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(webhook::server::serve_tls(
-        listener,
-        std::sync::Arc::new(tls),
-        app,
-        async {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(2),
-    ));
+    let server = crate::tls::TlsApp::start(dir.path(), app).await;
+    let port = server.port;
     let threads = webhook::server::connection_threads();
     let mut seen = Vec::new();
     for _ in 0..threads {
@@ -369,9 +352,5 @@ async fn each_connection_stays_on_one_thread_and_connections_spread() {
         threads,
         "{threads} connections should use {threads} threads"
     );
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap();
+    server.shutdown().await;
 }
