@@ -198,7 +198,15 @@ fn init_logging(level: &str, format: &str) {
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        // Straight to stderr, except on `tether serve`'s connection threads,
+        // which write their admission lines in batches (webhook::logbuf).
+        .with_writer(webhook::logbuf::LogWriter::make)
+        // On a failed write tracing-subscriber would `eprintln!` the error, and
+        // `eprintln!` panics when stderr is gone: a closed log pipe made every
+        // task that logs panic (admissions answered 500, SIGTERM ignored
+        // because its task had died). A log line that cannot be written is
+        // dropped instead.
+        .log_internal_errors(false);
     if format == "json" {
         builder.json().init();
     } else {
@@ -260,3 +268,10 @@ mod tests {
         }
     }
 }
+
+/// mimalloc instead of glibc's malloc: an admission makes ~150 small
+/// allocations, and under load glibc's malloc, free and consolidation were
+/// ~13 % of the server's CPU. A/B in one run (4 x 16 streams, 3 rounds): server
+/// CPU per admission 32.6/32.5/35.7 -> 28.2/28.2/31.6 µs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

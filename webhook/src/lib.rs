@@ -12,6 +12,7 @@ pub mod gate;
 pub mod index;
 pub mod kube_index;
 pub mod lease;
+pub mod logbuf;
 pub mod metrics;
 pub mod patch;
 pub mod policy;

@@ -321,7 +321,14 @@ impl ConnectionThread {
     /// them: gracefully (HTTP/2 GOAWAY, HTTP/1.1 close after the response in
     /// flight) until every one has ended or `closed` is set.
     fn run(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, std::net::SocketAddr)>) {
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        // This thread's log lines (one per admission) go out a batch at a time,
+        // each time the runtime runs out of work (see `logbuf`).
+        let _log_batch = crate::logbuf::batch_this_thread(Box::new(std::io::stderr()));
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_park(crate::logbuf::flush)
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start a connection thread's runtime");
@@ -450,8 +457,16 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByteDeadli
         std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
+    /// Reported as not vectored, on purpose. h2 copies a DATA frame into its
+    /// write buffer only below 256 bytes when the transport is vectored, and
+    /// below 1 KiB when it is not; a larger frame is written on its own, and
+    /// through rustls that is a TLS record and a `writev` per answer. tether's
+    /// answers (~900 bytes with a patch) are thus coalesced with the other
+    /// answers of the same round, as the no-op server's 130-byte answers are.
+    /// rustls encrypts what it is given into records either way, so nothing is
+    /// lost by not vectoring.
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        false
     }
 
     fn poll_flush(

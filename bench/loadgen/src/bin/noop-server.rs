@@ -44,11 +44,49 @@ struct Args {
     /// Per-request timeout in milliseconds (the same layer as tether's router).
     #[arg(long, default_value_t = 4000)]
     request_timeout_ms: u64,
+    /// CPU time, in microseconds, each `POST /mutate` spends spinning before it
+    /// answers: a stand-in handler of known cost, to measure what throughput the
+    /// stack leaves for a given amount of admission work.
+    #[arg(long, default_value_t = 0)]
+    work_us: u64,
+}
+
+/// Spin iterations per request (from `--work-us`, calibrated at start): counted
+/// iterations, not a clock, so a request preempted while it spins still costs
+/// the same CPU.
+static WORK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+fn spin(iterations: u64) {
+    let mut x = 0u64;
+    for i in 0..iterations {
+        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+    }
+    std::hint::black_box(x);
+}
+
+/// Iterations of [`spin`] that take `us` microseconds on this machine now.
+fn calibrate(us: u64) -> u64 {
+    if us == 0 {
+        return 0;
+    }
+    let probe = 10_000_000;
+    let best = (0..5)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            spin(probe);
+            t.elapsed()
+        })
+        .min()
+        .unwrap_or_default();
+    (probe as f64 * us as f64 / (best.as_secs_f64() * 1e6).max(1e-9)) as u64
 }
 
 async fn mutate(body: Bytes) -> impl IntoResponse {
     // The body is read in full by the extractor, as tether reads it.
     let _ = body.len();
+    if let Some(&n) = WORK.get() {
+        spin(n);
+    }
     ([(header::CONTENT_TYPE, "application/json")], ALLOWED)
 }
 
@@ -85,6 +123,7 @@ async fn shutdown_signal() {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    WORK.get_or_init(|| calibrate(args.work_us));
     // The same runtime as `tether serve`: multi-threaded, one worker per core.
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -113,3 +152,7 @@ fn main() -> Result<()> {
         Ok(())
     })
 }
+
+// The same allocator as `tether serve`: part of the stack both servers share.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
