@@ -1370,7 +1370,7 @@ fn the_e2e_fixture_builds_one_dry_probe_profile_per_namespace() {
     assert!(!build.stdout.contains("shop/"), "{}", build.stdout);
     // A pod created from generateName `dry-probe-` is this workload.
     let pod = probe_pod(json!({}));
-    let key = webhook::decide::container_key(&pod, "tether-e2e-x-enforce", PROBE).unwrap();
+    let key = webhook::decide::container_key(&webhook::slim::PodView::of(&pod), "tether-e2e-x-enforce", PROBE).unwrap();
     assert_eq!(key.to_string(), format!("tether-e2e-x-enforce/pod/{PROBE}/{PROBE}"));
     assert_eq!(
         key,

@@ -125,13 +125,11 @@ pub fn seccomp_crashes(pod: &Pod) -> Vec<SeccompCrash> {
 /// The key admission derived for `container`: the pod as the API server showed
 /// it then (a pod created from `generateName` had no name yet).
 fn admitted_key(pod: &Pod, namespace: &str, container: &str) -> Result<WorkloadKey, String> {
-    if pod.metadata.generate_name.is_some() {
-        let mut admitted = pod.clone();
+    let mut admitted = crate::slim::PodView::of(pod);
+    if admitted.metadata.generate_name.is_some() {
         admitted.metadata.name = None;
-        crate::decide::container_key(&admitted, namespace, container)
-    } else {
-        crate::decide::container_key(pod, namespace, container)
     }
+    crate::decide::container_key(&admitted, namespace, container)
 }
 
 fn cause_of(cs: &ContainerStatus) -> Option<(Cause, String)> {

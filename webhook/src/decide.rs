@@ -4,7 +4,8 @@
 
 use crate::index::{Entry, Lookup};
 use crate::policy::{Mode, NamespaceView, OnMissing, names};
-use k8s_openapi::api::core::v1::{Container, Pod, SeccompProfile};
+use crate::slim::{ContainerView, PodView, ProfileView, Str};
+use k8s_openapi::api::core::v1::SeccompProfile;
 use profile_store::key::{AdmittedPod, key_at_admission};
 use profile_store::store::{localhost_profile, parse_localhost_profile};
 use profile_store::{Version, WorkloadKey};
@@ -137,7 +138,7 @@ impl Decision {
 }
 
 /// The controller ownerReference of a pod: (kind, name).
-fn controller(pod: &Pod) -> Option<(&str, &str)> {
+fn controller<'p>(pod: &'p PodView<'_>) -> Option<(&'p str, &'p str)> {
     pod.metadata
         .owner_references
         .as_ref()?
@@ -148,7 +149,7 @@ fn controller(pod: &Pod) -> Option<(&str, &str)> {
 
 /// The key of `container` in `pod` (namespace from the request when the object
 /// has none, as for pods created with generateName).
-pub fn container_key(pod: &Pod, namespace: &str, container: &str) -> Result<WorkloadKey, String> {
+pub fn container_key(pod: &PodView<'_>, namespace: &str, container: &str) -> Result<WorkloadKey, String> {
     let labels = pod.metadata.labels.as_ref();
     key_at_admission(
         AdmittedPod {
@@ -157,19 +158,19 @@ pub fn container_key(pod: &Pod, namespace: &str, container: &str) -> Result<Work
             generate_name: pod.metadata.generate_name.as_deref(),
             controller: controller(pod),
         },
-        |k| labels.and_then(|l| l.get(k)).map(String::as_str),
+        |k| labels.and_then(|l| l.get(k)).map(Str::as_str),
         container,
     )
     .map_err(|e| e.to_string())
 }
 
-fn annotation<'p>(pod: &'p Pod, key: &str) -> Option<&'p str> {
-    pod.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+fn annotation<'p>(pod: &'p PodView<'_>, key: &str) -> Option<&'p str> {
+    pod.metadata.annotations.as_ref()?.get(key).map(Str::as_str)
 }
 
 /// Init containers then containers, with (init, index). Ephemeral containers are
 /// never injected.
-fn all_containers(pod: &Pod) -> impl Iterator<Item = (bool, usize, &Container)> {
+fn all_containers<'p, 'a>(pod: &'p PodView<'a>) -> impl Iterator<Item = (bool, usize, &'p ContainerView<'a>)> {
     let spec = pod.spec.as_ref();
     let init = spec.and_then(|s| s.init_containers.as_ref()).into_iter().flatten();
     let main = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
@@ -178,12 +179,12 @@ fn all_containers(pod: &Pod) -> impl Iterator<Item = (bool, usize, &Container)> 
         .chain(main.iter().enumerate().map(|(i, c)| (false, i, c)))
 }
 
-fn explicit_profile(c: &Container) -> Option<&SeccompProfile> {
+fn explicit_profile<'p, 'a>(c: &'p ContainerView<'a>) -> Option<&'p ProfileView<'a>> {
     c.security_context.as_ref()?.seccomp_profile.as_ref()
 }
 
 /// Reads the exemption annotations against the namespace's permission.
-fn exemption(pod: &Pod, namespace: &str, ns: &NamespaceView) -> Exemption {
+fn exemption(pod: &PodView<'_>, namespace: &str, ns: &NamespaceView) -> Exemption {
     let whole = annotation(pod, names::EXEMPT);
     let listed = annotation(pod, names::EXEMPT_CONTAINERS);
     if whole.is_none() && listed.is_none() {
@@ -204,7 +205,7 @@ fn exemption(pod: &Pod, namespace: &str, ns: &NamespaceView) -> Exemption {
         .map(|(_, _, c)| c.name.as_str())
         .collect();
     if let Some(reason) = whole {
-        let containers = all_containers(pod).map(|(_, _, c)| c.name.clone()).collect();
+        let containers = all_containers(pod).map(|(_, _, c)| c.name.to_string()).collect();
         let reason = if reason.trim().is_empty() {
             "no reason given".to_string()
         } else {
@@ -242,7 +243,13 @@ fn exemption(pod: &Pod, namespace: &str, ns: &NamespaceView) -> Exemption {
 }
 
 /// Decides what `/mutate` does with a pod being created in `namespace`.
-pub fn decide(pod: &Pod, namespace: &str, ns: &NamespaceView, on_missing: OnMissing, lookup: &dyn Lookup) -> Decision {
+pub fn decide(
+    pod: &PodView<'_>,
+    namespace: &str,
+    ns: &NamespaceView,
+    on_missing: OnMissing,
+    lookup: &dyn Lookup,
+) -> Decision {
     let mut warnings: Vec<String> = ns.label_problem.iter().cloned().collect();
     let exemption = exemption(pod, namespace, ns);
     if let Exemption::Refused { message } = &exemption {
@@ -255,10 +262,12 @@ pub fn decide(pod: &Pod, namespace: &str, ns: &NamespaceView, on_missing: OnMiss
     let mut containers = Vec::new();
     for (init, index, c) in all_containers(pod) {
         let key = container_key(pod, namespace, &c.name);
-        let action = if exempt.contains(&c.name) {
+        let action = if exempt.contains(c.name.as_str()) {
             Action::Exempt
         } else if let Some(p) = explicit_profile(c) {
-            Action::KeepExplicit { kind: p.type_.clone() }
+            Action::KeepExplicit {
+                kind: p.type_.to_string(),
+            }
         } else {
             match &key {
                 Err(reason) => Action::NoKey { reason: reason.clone() },
@@ -289,7 +298,7 @@ pub fn decide(pod: &Pod, namespace: &str, ns: &NamespaceView, on_missing: OnMiss
             }
         };
         containers.push(ContainerDecision {
-            name: c.name.clone(),
+            name: c.name.to_string(),
             init,
             index,
             key: key.ok(),
@@ -305,7 +314,7 @@ pub fn decide(pod: &Pod, namespace: &str, ns: &NamespaceView, on_missing: OnMiss
 }
 
 /// Refusals `/validate` answers a pod with (empty: allowed).
-pub fn validate(pod: &Pod, namespace: &str, ns: &NamespaceView, lookup: &dyn Lookup) -> Vec<String> {
+pub fn validate(pod: &PodView<'_>, namespace: &str, ns: &NamespaceView, lookup: &dyn Lookup) -> Vec<String> {
     let mut problems = Vec::new();
     let exemption = exemption(pod, namespace, ns);
     let exempt: BTreeSet<String> = match &exemption {
@@ -332,7 +341,7 @@ pub fn validate(pod: &Pod, namespace: &str, ns: &NamespaceView, lookup: &dyn Loo
             .and_then(|k| lookup.entry(k))
             .is_some_and(|e| e.fallback.is_some());
         match profile.type_.as_str() {
-            "Unconfined" if !exempt.contains(&c.name) && !in_fallback => problems.push(format!(
+            "Unconfined" if !exempt.contains(c.name.as_str()) && !in_fallback => problems.push(format!(
                 "container {} runs Unconfined without an honored exemption or a fallback; remove the seccompProfile, or ask for an exemption ({})",
                 c.name,
                 names::EXEMPT

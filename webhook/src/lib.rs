@@ -19,7 +19,7 @@ pub mod policy;
 pub mod review;
 pub mod run;
 pub mod server;
-mod slim;
+pub mod slim;
 pub mod wire;
 
 pub use index::{Index, Lookup, SharedIndex};

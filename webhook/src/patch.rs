@@ -2,9 +2,9 @@
 
 use crate::decide::{Action, Decision, Exemption, FallbackProfile};
 use crate::policy::names;
+use crate::slim::{PodView, Str};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
-use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
@@ -60,7 +60,7 @@ pub fn annotations(decision: &Decision) -> (BTreeMap<String, String>, Vec<String
 /// The patch that applies `decision` to `pod`: container-level `seccompProfile`s
 /// and tether's annotations, creating `securityContext` and `annotations` where
 /// absent. Empty when the pod already is what the decision wants (idempotence).
-pub fn mutation_patch(pod: &Pod, decision: &Decision) -> (Patch, Vec<String>) {
+pub fn mutation_patch(pod: &PodView<'_>, decision: &Decision) -> (Patch, Vec<String>) {
     let mut ops = Vec::new();
     let spec = pod.spec.as_ref();
     for (c, profile) in decision.changes() {
@@ -86,7 +86,7 @@ pub fn mutation_patch(pod: &Pod, decision: &Decision) -> (Patch, Vec<String>) {
     let existing = pod.metadata.annotations.as_ref();
     let missing: BTreeMap<&String, &String> = wanted
         .iter()
-        .filter(|(k, v)| existing.and_then(|e| e.get(*k)) != Some(*v))
+        .filter(|(k, v)| existing.and_then(|e| e.get(k.as_str())).map(Str::as_str) != Some(v.as_str()))
         .collect();
     if !missing.is_empty() {
         match existing {

@@ -7,8 +7,7 @@ use crate::index::SharedIndex;
 use crate::metrics::{Endpoint, ExemptionLabels, InjectionLabels, Metrics, Outcome, RequestLabels};
 use crate::patch::{describe, mutation_patch};
 use crate::policy::{Mode, NamespaceView, Policy};
-use crate::slim;
-use k8s_openapi::api::core::v1::Pod;
+use crate::slim::{self, PodView};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde::de::IgnoredAny;
@@ -31,29 +30,35 @@ pub struct Admission {
     pub metrics: Metrics,
 }
 
-enum Parsed {
-    /// A Pod CREATE: what tether acts on.
-    PodCreate(Box<AdmissionRequest<Pod>>),
+// Built once per request and taken apart at once: a `Box` for the larger
+// variant would only add an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Parsed<'a> {
+    /// A Pod CREATE: what tether acts on (the request without its object, and
+    /// the Pod read from the body).
+    PodCreate(Box<AdmissionRequest<DynamicObject>>, Option<PodView<'a>>),
     /// Anything else: answered allowed and untouched.
     Other(Box<AdmissionRequest<DynamicObject>>),
 }
 
-enum Step {
+#[allow(clippy::large_enum_variant)] // as `Parsed`
+enum Step<'a> {
     /// A Pod CREATE, with its namespace and what the policy says of it.
     Act {
-        req: Box<AdmissionRequest<Pod>>,
+        req: Box<AdmissionRequest<DynamicObject>>,
+        pod: PodView<'a>,
         namespace: String,
         view: NamespaceView,
     },
     Done(Box<AdmissionReview<DynamicObject>>),
 }
 
-fn parse(body: &[u8]) -> Result<Parsed, Unreadable> {
+fn parse(body: &[u8]) -> Result<Parsed<'_>, Unreadable> {
     // One pass reads the object as a Pod. When that fails, a second pass that
     // ignores the object tells a Pod CREATE whose Pod is wrong (an error) from a
     // request for another kind (allowed untouched) and from a body that is not an
     // AdmissionReview at all.
-    let (envelope, pod_error) = match serde_json::from_slice::<slim::Envelope<slim::SlimPod>>(body) {
+    let (envelope, pod_error) = match serde_json::from_slice::<slim::Envelope<PodView<'_>>>(body) {
         Ok(e) => ((e.api_version, e.kind, e.request.map(Ok)), None),
         Err(first) => match serde_json::from_slice::<slim::Envelope<IgnoredAny>>(body) {
             Ok(e) => ((e.api_version, e.kind, e.request.map(Err)), Some(first)),
@@ -82,9 +87,8 @@ fn parse(body: &[u8]) -> Result<Parsed, Unreadable> {
     let request = request.ok_or_else(|| Unreadable("the AdmissionReview has no request".into()))?;
     match request {
         Ok(r) if r.is_pod_create() => {
-            let (mut req, object) = r.into_request::<Pod>();
-            req.object = object.map(Pod::from);
-            Ok(Parsed::PodCreate(Box::new(req)))
+            let (req, pod) = r.into_request::<DynamicObject>();
+            Ok(Parsed::PodCreate(Box::new(req), pod))
         }
         Err(r) if r.is_pod_create() => Err(Unreadable(format!(
             "the Pod in the request does not parse: {}",
@@ -120,15 +124,21 @@ impl Admission {
     }
 
     /// Parses `body`: a Pod CREATE to act on, or the answer for anything else.
-    fn pod_create(&self, endpoint: Endpoint, body: &[u8]) -> Result<Step, Unreadable> {
+    fn pod_create<'a>(&self, endpoint: Endpoint, body: &'a [u8]) -> Result<Step<'a>, Unreadable> {
         match parse(body) {
-            Ok(Parsed::PodCreate(req)) => {
-                if req.object.is_none() {
+            Ok(Parsed::PodCreate(req, pod)) => {
+                let Some(pod) = pod else {
+                    self.count(endpoint, "CREATE", None, Outcome::invalid);
                     return Err(Unreadable("the Pod CREATE request has no object".into()));
-                }
+                };
                 let namespace = req.namespace.clone().unwrap_or_default();
                 let view = self.policy.namespace(&namespace, None);
-                Ok(Step::Act { req, namespace, view })
+                Ok(Step::Act {
+                    req,
+                    pod,
+                    namespace,
+                    view,
+                })
             }
             Ok(Parsed::Other(req)) => {
                 self.count(endpoint, operation_of(&req), None, Outcome::allowed);
@@ -145,14 +155,17 @@ impl Admission {
     pub fn mutate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
         let _timer = self.metrics.timer(Endpoint::mutate);
         let start = Instant::now();
-        let (req, namespace, view) = match self.pod_create(Endpoint::mutate, body)? {
-            Step::Act { req, namespace, view } => (req, namespace, view),
+        let (req, pod, namespace, view) = match self.pod_create(Endpoint::mutate, body)? {
+            Step::Act {
+                req,
+                pod,
+                namespace,
+                view,
+            } => (req, pod, namespace, view),
             Step::Done(review) => return Ok(*review),
         };
+        let pod = &pod;
         let mut res = AdmissionResponse::from(&*req);
-        let Some(pod) = req.object.as_ref() else {
-            return Err(Unreadable("the Pod CREATE request has no object".into()));
-        };
         if view.mode == Mode::Off {
             self.count(Endpoint::mutate, "CREATE", Some(Mode::Off), Outcome::allowed);
             return Ok(res.into_review());
@@ -221,14 +234,17 @@ impl Admission {
     pub fn validate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
         let _timer = self.metrics.timer(Endpoint::validate);
         let start = Instant::now();
-        let (req, namespace, view) = match self.pod_create(Endpoint::validate, body)? {
-            Step::Act { req, namespace, view } => (req, namespace, view),
+        let (req, pod, namespace, view) = match self.pod_create(Endpoint::validate, body)? {
+            Step::Act {
+                req,
+                pod,
+                namespace,
+                view,
+            } => (req, pod, namespace, view),
             Step::Done(review) => return Ok(*review),
         };
+        let pod = &pod;
         let mut res = AdmissionResponse::from(&*req);
-        let Some(pod) = req.object.as_ref() else {
-            return Err(Unreadable("the Pod CREATE request has no object".into()));
-        };
         let problems = if view.mode == Mode::Off {
             Vec::new()
         } else {

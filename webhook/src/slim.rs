@@ -3,14 +3,14 @@
 //! Parsing a real Pod into `serde_json::Value` and then into k8s-openapi's `Pod`
 //! cost ~36 µs per request, most of it allocating fields tether never reads
 //! (`managedFields`, env, volumes, probes...). Here the envelope is read with the
-//! object left as a borrowed slice of the body, and a Pod CREATE's object is read
-//! into the few fields that decide and patch use, then handed over as a k8s-openapi
-//! `Pod` holding only those fields. The API server has already decoded the object
-//! into its own types, so the fields skipped here are well-formed in any real
-//! request; a field tether reads with the wrong type is still an error.
+//! object left unread, and a Pod CREATE's object is read into a [`PodView`]: the
+//! few fields that decide and patch use, as strings borrowed from the body (a
+//! string is copied only when it holds a JSON escape). The API server has
+//! already decoded the object into its own types, so the fields skipped here are
+//! well-formed in any real request; a field tether reads with the wrong type is
+//! still an error.
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSecurityContext, PodSpec, SeccompProfile, SecurityContext};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::api::core::v1::{Container, Pod, SeccompProfile};
 use kube::core::admission::{AdmissionRequest, Operation};
 use kube::core::{GroupVersionKind, GroupVersionResource, TypeMeta};
 use serde::Deserialize;
@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// The AdmissionReview's outer fields and its request, read in one pass; `O` is
-/// how the object is read: [`SlimPod`] or `IgnoredAny`.
+/// how the object is read: [`PodView`] or `IgnoredAny`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Envelope<'a, O> {
@@ -123,123 +123,305 @@ impl<O> Request<O> {
     }
 }
 
-/// A Pod as admission reads it; converted into a k8s-openapi `Pod` holding only
-/// these fields.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct SlimPod {
-    #[serde(default)]
-    metadata: SlimMeta,
-    #[serde(default)]
-    spec: Option<SlimSpec>,
+/// A string of the request: borrowed from the body unless it holds an escape.
+///
+/// serde's own `Cow<str>` always copies inside an `Option`, a map or a `Vec`;
+/// this one borrows wherever serde_json can lend the bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Str<'a>(pub Cow<'a, str>);
+
+impl Str<'_> {
+    /// The string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct SlimMeta {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    generate_name: Option<String>,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    annotations: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    owner_references: Option<Vec<SlimOwner>>,
+impl std::ops::Deref for Str<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SlimOwner {
-    #[serde(default)]
-    api_version: String,
-    kind: String,
-    name: String,
-    #[serde(default)]
-    uid: String,
-    #[serde(default)]
-    controller: Option<bool>,
+impl std::borrow::Borrow<str> for Str<'_> {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SlimSpec {
-    #[serde(default)]
-    containers: Vec<SlimContainer>,
-    #[serde(default)]
-    init_containers: Option<Vec<SlimContainer>>,
-    #[serde(default)]
-    security_context: Option<SlimSecurityContext>,
+impl<'a> From<&'a str> for Str<'a> {
+    fn from(s: &'a str) -> Str<'a> {
+        Str(Cow::Borrowed(s))
+    }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SlimContainer {
-    name: String,
-    #[serde(default)]
-    security_context: Option<SlimSecurityContext>,
+impl std::fmt::Display for Str<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SlimSecurityContext {
-    #[serde(default)]
-    seccomp_profile: Option<SeccompProfile>,
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Str<'a>, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
 }
 
-impl From<SlimContainer> for Container {
-    fn from(c: SlimContainer) -> Container {
-        Container {
-            name: c.name,
-            // Only presence and the profile matter: the patch adds to an existing
-            // securityContext and creates an absent one.
-            security_context: c.security_context.map(|sc| SecurityContext {
-                seccomp_profile: sc.seccomp_profile,
-                ..SecurityContext::default()
+/// String-to-string map of the pod (labels, annotations).
+pub type StrMap<'a> = BTreeMap<Str<'a>, Str<'a>>;
+
+/// A Pod as admission reads it: what [`crate::decide`] and [`crate::patch`] use
+/// and nothing else. Read from a request body (borrowing from it), or made from a
+/// k8s-openapi `Pod` ([`PodView::of`]) by code that already holds one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodView<'a> {
+    /// The metadata fields admission reads.
+    #[serde(default, borrow)]
+    pub metadata: MetaView<'a>,
+    /// The spec fields admission reads.
+    #[serde(default, borrow)]
+    pub spec: Option<SpecView<'a>>,
+}
+
+/// `metadata`, as admission reads it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetaView<'a> {
+    /// `name` (absent for pods created from `generateName`).
+    #[serde(default, borrow)]
+    pub name: Option<Str<'a>>,
+    /// `generateName`.
+    #[serde(default, borrow)]
+    pub generate_name: Option<Str<'a>>,
+    /// `namespace` (often absent: the request has it).
+    #[serde(default, borrow)]
+    pub namespace: Option<Str<'a>>,
+    /// `labels`.
+    #[serde(default, borrow)]
+    pub labels: Option<StrMap<'a>>,
+    /// `annotations`.
+    #[serde(default, borrow)]
+    pub annotations: Option<StrMap<'a>>,
+    /// `ownerReferences`.
+    #[serde(default, borrow)]
+    pub owner_references: Option<Vec<OwnerView<'a>>>,
+}
+
+/// An ownerReference, as admission reads it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerView<'a> {
+    /// `kind`.
+    #[serde(borrow)]
+    pub kind: Str<'a>,
+    /// `name`.
+    #[serde(borrow)]
+    pub name: Str<'a>,
+    /// `controller`.
+    #[serde(default)]
+    pub controller: Option<bool>,
+}
+
+/// `spec`, as admission reads it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpecView<'a> {
+    /// `containers`.
+    #[serde(default, borrow)]
+    pub containers: Vec<ContainerView<'a>>,
+    /// `initContainers`.
+    #[serde(default, borrow)]
+    pub init_containers: Option<Vec<ContainerView<'a>>>,
+    /// The pod-level `securityContext`.
+    #[serde(default, borrow)]
+    pub security_context: Option<SecurityContextView<'a>>,
+}
+
+/// A container (or init container), as admission reads it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerView<'a> {
+    /// `name`.
+    #[serde(borrow)]
+    pub name: Str<'a>,
+    /// `securityContext`: only whether it is there, and its profile, matter (the
+    /// patch adds to an existing one and creates an absent one).
+    #[serde(default, borrow)]
+    pub security_context: Option<SecurityContextView<'a>>,
+}
+
+/// A `securityContext` (pod or container), as admission reads it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityContextView<'a> {
+    /// `seccompProfile`.
+    #[serde(default, borrow)]
+    pub seccomp_profile: Option<ProfileView<'a>>,
+}
+
+/// A `seccompProfile`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileView<'a> {
+    /// `type`: `Localhost`, `RuntimeDefault` or `Unconfined`.
+    #[serde(rename = "type", borrow)]
+    pub type_: Str<'a>,
+    /// `localhostProfile`.
+    #[serde(default, borrow)]
+    pub localhost_profile: Option<Str<'a>>,
+}
+
+fn borrowed(s: &Option<String>) -> Option<Str<'_>> {
+    s.as_deref().map(Str::from)
+}
+
+fn borrowed_map(m: &Option<BTreeMap<String, String>>) -> Option<StrMap<'_>> {
+    m.as_ref().map(|m| {
+        m.iter()
+            .map(|(k, v)| (Str::from(k.as_str()), Str::from(v.as_str())))
+            .collect()
+    })
+}
+
+fn profile_of(p: &SeccompProfile) -> ProfileView<'_> {
+    ProfileView {
+        type_: Str::from(p.type_.as_str()),
+        localhost_profile: borrowed(&p.localhost_profile),
+    }
+}
+
+fn container_of(c: &Container) -> ContainerView<'_> {
+    ContainerView {
+        name: Str::from(c.name.as_str()),
+        security_context: c.security_context.as_ref().map(|sc| SecurityContextView {
+            seccomp_profile: sc.seccomp_profile.as_ref().map(profile_of),
+        }),
+    }
+}
+
+impl<'a> PodView<'a> {
+    /// The view of a k8s-openapi `Pod`, borrowing its strings (for code that
+    /// reads pods from the API, such as the crash watcher).
+    pub fn of(pod: &'a Pod) -> PodView<'a> {
+        let m = &pod.metadata;
+        PodView {
+            metadata: MetaView {
+                name: borrowed(&m.name),
+                generate_name: borrowed(&m.generate_name),
+                namespace: borrowed(&m.namespace),
+                labels: borrowed_map(&m.labels),
+                annotations: borrowed_map(&m.annotations),
+                owner_references: m.owner_references.as_ref().map(|owners| {
+                    owners
+                        .iter()
+                        .map(|o| OwnerView {
+                            kind: Str::from(o.kind.as_str()),
+                            name: Str::from(o.name.as_str()),
+                            controller: o.controller,
+                        })
+                        .collect()
+                }),
+            },
+            spec: pod.spec.as_ref().map(|s| SpecView {
+                containers: s.containers.iter().map(container_of).collect(),
+                init_containers: s.init_containers.as_ref().map(|l| l.iter().map(container_of).collect()),
+                security_context: s.security_context.as_ref().map(|sc| SecurityContextView {
+                    seccomp_profile: sc.seccomp_profile.as_ref().map(profile_of),
+                }),
             }),
-            ..Container::default()
         }
     }
 }
 
-impl From<SlimPod> for Pod {
-    fn from(p: SlimPod) -> Pod {
-        let m = p.metadata;
-        Pod {
-            metadata: ObjectMeta {
-                name: m.name,
-                generate_name: m.generate_name,
-                namespace: m.namespace,
-                labels: m.labels,
-                annotations: m.annotations,
-                owner_references: m.owner_references.map(|owners| {
-                    owners
-                        .into_iter()
-                        .map(|o| OwnerReference {
-                            api_version: o.api_version,
-                            kind: o.kind,
-                            name: o.name,
-                            uid: o.uid,
-                            controller: o.controller,
-                            block_owner_deletion: None,
-                        })
-                        .collect()
-                }),
-                ..ObjectMeta::default()
-            },
-            spec: p.spec.map(|s| PodSpec {
-                containers: s.containers.into_iter().map(Container::from).collect(),
-                init_containers: s.init_containers.map(|l| l.into_iter().map(Container::from).collect()),
-                security_context: s.security_context.map(|sc| PodSecurityContext {
-                    seccomp_profile: sc.seccomp_profile,
-                    ..PodSecurityContext::default()
-                }),
-                ..PodSpec::default()
-            }),
-            status: None,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::decide;
+    use crate::index::Index;
+    use crate::policy::Policy;
+    use crate::tests::{entry, key, review};
+
+    /// The point of [`Str`]: reading a pod copies no string that has no escape.
+    #[test]
+    fn strings_without_escapes_are_borrowed_from_the_body() {
+        let body = br#"{"metadata":{"name":"web-0","labels":{"app":"web"},"annotations":{"a":"b"},
+            "ownerReferences":[{"kind":"StatefulSet","name":"web","controller":true}]},
+            "spec":{"containers":[{"name":"app","securityContext":{"seccompProfile":{"type":"Localhost","localhostProfile":"p.json"}}}]}}"#;
+        let pod: PodView<'_> = serde_json::from_slice(body).unwrap();
+        let m = &pod.metadata;
+        let c = &pod.spec.as_ref().unwrap().containers[0];
+        let profile = c.security_context.as_ref().unwrap().seccomp_profile.as_ref().unwrap();
+        let strs = [
+            m.name.as_ref().unwrap(),
+            m.labels.as_ref().unwrap().keys().next().unwrap(),
+            m.annotations.as_ref().unwrap().values().next().unwrap(),
+            &m.owner_references.as_ref().unwrap()[0].name,
+            &c.name,
+            &profile.type_,
+            profile.localhost_profile.as_ref().unwrap(),
+        ];
+        for s in strs {
+            assert!(matches!(s.0, Cow::Borrowed(_)), "{s} was copied");
+        }
+    }
+
+    /// Escaped strings (Go escapes `<`, `>` and `&` as `\u003c`...) are read as
+    /// written, and a lookup by the unescaped name finds them.
+    #[test]
+    fn escaped_strings_are_unescaped_and_found_by_their_value() {
+        let body = br#"{"metadata":{"annotations":{"tether.dev\/exempt":"a \u0026 b\n"}},
+            "spec":{"containers":[{"name":"c\u0031"}]}}"#;
+        let pod: PodView<'_> = serde_json::from_slice(body).unwrap();
+        let annotations = pod.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations.get("tether.dev/exempt").map(Str::as_str), Some("a & b\n"));
+        assert_eq!(pod.spec.unwrap().containers[0].name.as_str(), "c1");
+    }
+
+    /// The crash watcher's view of a k8s-openapi `Pod` and admission's view of
+    /// the same pod as JSON give the same decision, on every captured review.
+    #[test]
+    fn a_view_of_a_typed_pod_decides_as_the_view_read_from_json() {
+        let index = Index::from_entries([
+            (key("shop/deployment/checkout/migrate"), entry('a', None)),
+            (key("shop/deployment/checkout/app"), entry('b', Some("crashed"))),
+        ]);
+        let policy = Policy::default();
+        for rel in [
+            "admission/01-pod-create-replicaset-owner-request-only.json",
+            "admission/02-pod-create-replicaset-owner-v1-envelope.json",
+            "admission/03-pod-create-2containers-2initcontainers-request-only.json",
+            "admission/04-pod-create-kubectl-apply-full-envelope.json",
+            "admission/apiserver-1.35/pod-create-bare-dryrun.json",
+            "admission/apiserver-1.35/pod-create-bare-exemption-annotation.json",
+            "admission/apiserver-1.35/pod-create-replicaset-initcontainers.json",
+        ] {
+            let object = review(rel)["request"]["object"].clone();
+            let json = serde_json::to_vec(&object).unwrap();
+            let read: PodView<'_> = serde_json::from_slice(&json).unwrap();
+            let typed: Pod = serde_json::from_value(object).unwrap();
+            let ns = policy.namespace("shop", None);
+            let a = decide(&read, "shop", &ns, policy.on_missing, &index);
+            let b = decide(&PodView::of(&typed), "shop", &ns, policy.on_missing, &index);
+            assert!(!a.containers.is_empty(), "{rel}: no container read");
+            assert_eq!(a, b, "{rel}");
         }
     }
 }

@@ -422,7 +422,13 @@ async fn nothing_installed_means_on_missing() {
         ..Policy::default()
     };
     let view = policy.namespace("shop", None);
-    let decision = decide(&pod, "shop", &view, policy.on_missing, &*r.shared.get());
+    let decision = decide(
+        &crate::slim::PodView::of(&pod),
+        "shop",
+        &view,
+        policy.on_missing,
+        &*r.shared.get(),
+    );
     assert_eq!(decision.containers[0].action, Action::RuntimeDefault);
     r.server.verify().await;
 }
