@@ -5,6 +5,7 @@ mod build;
 mod certs;
 mod demo;
 mod install;
+mod jsonlog;
 mod profiles;
 mod serve;
 mod table;
@@ -208,7 +209,10 @@ fn init_logging(level: &str, format: &str) {
         // dropped instead.
         .log_internal_errors(false);
     if format == "json" {
-        builder.json().init();
+        builder
+            .json()
+            .event_format(jsonlog::FastJson::new(tracing_subscriber::fmt::time::SystemTime))
+            .init();
     } else {
         builder.init();
     }

@@ -349,7 +349,8 @@ fn job(args: &ValidateArgs, pod_path: &PathBuf) -> Result<()> {
                 .chain(spec.containers.iter())
                 .map(|c| c.name.clone());
             for name in names {
-                let key = webhook::decide::container_key(&webhook::slim::PodView::of(&pod), &ns, &name).map_err(anyhow::Error::msg)?;
+                let key = webhook::decide::container_key(&webhook::slim::PodView::of(&pod), &ns, &name)
+                    .map_err(anyhow::Error::msg)?;
                 let Some(record) = store.record(&key)? else {
                     eprintln!("warning: no profile for {key}; container {name} runs without one");
                     continue;
