@@ -5,7 +5,8 @@ use crate::policy::names;
 use crate::slim::{PodView, Str};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
-use serde_json::{Value, json};
+use k8s_openapi::api::core::v1::SeccompProfile;
+use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// The longest name part of an annotation key Kubernetes accepts.
@@ -73,32 +74,46 @@ pub fn mutation_patch(pod: &PodView<'_>, decision: &Decision) -> (Patch, Vec<Str
             }
         });
         let index = c.index.to_string();
-        let value = serde_json::to_value(&profile).unwrap_or(Value::Null);
+        let value = profile_value(profile);
         match container.and_then(|c| c.security_context.as_ref()) {
             Some(_) => ops.push(add(&["spec", list, &index, "securityContext", "seccompProfile"], value)),
             None => ops.push(add(
                 &["spec", list, &index, "securityContext"],
-                json!({ "seccompProfile": value }),
+                Value::Object(Map::from_iter([("seccompProfile".to_string(), value)])),
             )),
         }
     }
     let (wanted, warnings) = annotations(decision);
     let existing = pod.metadata.annotations.as_ref();
-    let missing: BTreeMap<&String, &String> = wanted
-        .iter()
-        .filter(|(k, v)| existing.and_then(|e| e.get(k.as_str())).map(Str::as_str) != Some(v.as_str()))
-        .collect();
-    if !missing.is_empty() {
-        match existing {
-            None => ops.push(add(&["metadata", "annotations"], json!(missing))),
-            Some(_) => {
-                for (k, v) in missing {
-                    ops.push(add(&["metadata", "annotations", k], json!(v)));
-                }
+    let missing = wanted
+        .into_iter()
+        .filter(|(k, v)| existing.and_then(|e| e.get(k.as_str())).map(Str::as_str) != Some(v.as_str()));
+    match existing {
+        None => {
+            let all: Map<String, Value> = missing.map(|(k, v)| (k, Value::String(v))).collect();
+            if !all.is_empty() {
+                ops.push(add(&["metadata", "annotations"], Value::Object(all)));
+            }
+        }
+        Some(_) => {
+            for (k, v) in missing {
+                ops.push(add(&["metadata", "annotations", &k], Value::String(v)));
             }
         }
     }
     (Patch(ops), warnings)
+}
+
+/// `profile` as the JSON it serializes to (built directly: this is on every
+/// admission's path, and going through serde's `to_value` cost more than the
+/// rest of the patch).
+fn profile_value(profile: SeccompProfile) -> Value {
+    let mut m = Map::new();
+    if let Some(path) = profile.localhost_profile {
+        m.insert("localhostProfile".into(), Value::String(path));
+    }
+    m.insert("type".into(), Value::String(profile.type_));
+    Value::Object(m)
 }
 
 /// One line per change, as dry-run warnings say what enforce would do.
@@ -111,4 +126,29 @@ pub fn describe(decision: &Decision) -> Vec<String> {
             None => format!("would set {} {} to {}", kind(c), c.name, p.type_),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression guard for the hand-built value: it is k8s-openapi's own
+    /// serialization of the profile, for every kind tether sets.
+    #[test]
+    fn profile_values_are_k8s_openapis_serialization() {
+        for (type_, path) in [
+            (
+                "Localhost",
+                Some("tether/shop/deployment/checkout/app-0123456789ab.json"),
+            ),
+            ("RuntimeDefault", None),
+            ("Unconfined", None),
+        ] {
+            let profile = SeccompProfile {
+                type_: type_.into(),
+                localhost_profile: path.map(str::to_string),
+            };
+            assert_eq!(profile_value(profile.clone()), serde_json::to_value(&profile).unwrap());
+        }
+    }
 }
