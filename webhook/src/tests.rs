@@ -559,8 +559,15 @@ fn unreadable_requests_are_errors_that_say_why() {
     no_request.as_object_mut().unwrap().remove("request");
     let mut bad_pod = base.clone();
     bad_pod["request"]["object"]["spec"]["containers"] = json!("nope");
+    // Invalid UTF-8 in a field admission skips: the whole body is checked.
+    let mut bad_utf8 = base.clone();
+    bad_utf8["request"]["object"]["spec"]["containers"][0]["image"] = json!("img-XX");
+    let mut bad_utf8 = serde_json::to_vec(&bad_utf8).unwrap();
+    let at = bad_utf8.windows(6).position(|w| w == b"img-XX").unwrap() + 4;
+    bad_utf8[at] = 0xff;
     for (body, want) in [
         (b"not json".to_vec(), "not JSON"),
+        (bad_utf8, "not UTF-8"),
         (serde_json::to_vec(&v1beta1).unwrap(), "admission.k8s.io/v1"),
         (serde_json::to_vec(&no_request).unwrap(), "no request"),
         (serde_json::to_vec(&bad_pod).unwrap(), "does not parse"),
