@@ -2,10 +2,10 @@
 //!
 //! Parsing a real Pod into `serde_json::Value` and then into k8s-openapi's `Pod`
 //! cost ~36 µs per request, most of it allocating fields tether never reads
-//! (`managedFields`, env, volumes, probes...). Here the envelope is read with the
-//! object left unread, and a Pod CREATE's object is read into a [`PodView`]: the
-//! few fields that decide and patch use, as strings borrowed from the body (a
-//! string is copied only when it holds a JSON escape). The API server has
+//! (`managedFields`, env, volumes, probes...). Here the envelope and the object
+//! are read in one pass, the object into a [`PodView`]: the few fields that
+//! decide and patch use, as strings borrowed from the body (a string is copied
+//! only when it holds a JSON escape), everything else skipped. The API server has
 //! already decoded the object into its own types, so the fields skipped here are
 //! well-formed in any real request; a field tether reads with the wrong type is
 //! still an error.
