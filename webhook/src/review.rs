@@ -41,15 +41,19 @@ enum Parsed<'a> {
     Other(Box<AdmissionRequest<DynamicObject>>),
 }
 
+/// A Pod CREATE, with its namespace and what the policy says of it.
+struct Act<'a> {
+    req: Box<AdmissionRequest<DynamicObject>>,
+    pod: PodView<'a>,
+    namespace: String,
+    view: NamespaceView,
+}
+
 #[allow(clippy::large_enum_variant)] // as `Parsed`
 enum Step<'a> {
-    /// A Pod CREATE, with its namespace and what the policy says of it.
-    Act {
-        req: Box<AdmissionRequest<DynamicObject>>,
-        pod: PodView<'a>,
-        namespace: String,
-        view: NamespaceView,
-    },
+    /// A Pod CREATE to act on.
+    Act(Act<'a>),
+    /// Anything else, answered.
     Done(Box<AdmissionReview<DynamicObject>>),
 }
 
@@ -142,12 +146,12 @@ impl Admission {
                 };
                 let namespace = req.namespace.clone().unwrap_or_default();
                 let view = self.policy.namespace(&namespace, None);
-                Ok(Step::Act {
+                Ok(Step::Act(Act {
                     req,
                     pod,
                     namespace,
                     view,
-                })
+                }))
             }
             Ok(Parsed::Other(req)) => {
                 self.count(endpoint, operation_of(&req), None, Outcome::allowed);
@@ -164,13 +168,13 @@ impl Admission {
     pub fn mutate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
         let _timer = self.metrics.timer(Endpoint::mutate);
         let start = Instant::now();
-        let (req, pod, namespace, view) = match self.pod_create(Endpoint::mutate, body)? {
-            Step::Act {
-                req,
-                pod,
-                namespace,
-                view,
-            } => (req, pod, namespace, view),
+        let Act {
+            req,
+            pod,
+            namespace,
+            view,
+        } = match self.pod_create(Endpoint::mutate, body)? {
+            Step::Act(act) => act,
             Step::Done(review) => return Ok(*review),
         };
         let pod = &pod;
@@ -243,13 +247,13 @@ impl Admission {
     pub fn validate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
         let _timer = self.metrics.timer(Endpoint::validate);
         let start = Instant::now();
-        let (req, pod, namespace, view) = match self.pod_create(Endpoint::validate, body)? {
-            Step::Act {
-                req,
-                pod,
-                namespace,
-                view,
-            } => (req, pod, namespace, view),
+        let Act {
+            req,
+            pod,
+            namespace,
+            view,
+        } = match self.pod_create(Endpoint::validate, body)? {
+            Step::Act(act) => act,
             Step::Done(review) => return Ok(*review),
         };
         let pod = &pod;
