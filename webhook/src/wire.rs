@@ -15,7 +15,29 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 /// `review` as the JSON body of an answer. Fails only if a field cannot be
 /// serialized (never for the types admission builds).
 pub fn to_vec(review: &AdmissionReview<DynamicObject>) -> serde_json::Result<Vec<u8>> {
-    serde_json::to_vec(&Review(review))
+    // Sized for the answer up front: grown from serde_json's 128 bytes, a
+    // patched answer (~1 KB) was copied three times on its way.
+    let response = review.response.as_ref();
+    let patch = response
+        .and_then(|r| r.patch.as_ref())
+        .map_or(0, |p| p.len().div_ceil(3) * 4);
+    let audit: usize = response.map_or(0, |r| {
+        r.audit_annotations.iter().map(|(k, v)| k.len() + v.len() + 6).sum()
+    });
+    let mut out = Vec::with_capacity(256 + patch + audit);
+    serde_json::to_writer(&mut out, &Review(review))?;
+    Ok(out)
+}
+
+/// `patch` in base64 as a JSON string, written as it is: base64 never needs a
+/// JSON escape, and serde_json's escaping pass over ~700 bytes of it took
+/// ~0.5 µs of every patched answer.
+fn base64_string(patch: &[u8]) -> serde_json::Result<Box<serde_json::value::RawValue>> {
+    let mut quoted = String::with_capacity(patch.len().div_ceil(3) * 4 + 2);
+    quoted.push('"');
+    base64::engine::general_purpose::STANDARD.encode_string(patch, &mut quoted);
+    quoted.push('"');
+    serde_json::value::RawValue::from_string(quoted)
 }
 
 struct Review<'a>(&'a AdmissionReview<DynamicObject>);
@@ -45,7 +67,8 @@ impl Serialize for Response<'_> {
         m.serialize_entry("allowed", &r.allowed)?;
         m.serialize_entry("status", &r.result)?;
         if let Some(patch) = &r.patch {
-            m.serialize_entry("patch", &base64::engine::general_purpose::STANDARD.encode(patch))?;
+            let patch = base64_string(patch).map_err(serde::ser::Error::custom)?;
+            m.serialize_entry("patch", &patch)?;
             // `with_patch`, the only way kube-core sets a patch, sets this type.
             m.serialize_entry("patchType", "JSONPatch")?;
         }
