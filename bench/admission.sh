@@ -59,9 +59,11 @@ FIXTURE=$REPO/tests/data/admission/apiserver-1.35/pod-create-replicaset-initcont
 # (Go's encoding/json), 4.3 KB instead of 6.6 KB: send what it sends.
 BODY=$BENCH_DIR/review.json
 
-TETHER=$REPO/target/release/tether
-LOADGEN=$REPO/target/release/loadgen
-NOOP=$REPO/target/release/noop-server
+# Built where cargo builds: target/, or CARGO_TARGET_DIR as soak.sh does.
+TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+TETHER=$TARGET/release/tether
+LOADGEN=$TARGET/release/loadgen
+NOOP=$TARGET/release/noop-server
 RESULTS=$BENCH_DIR/results.jsonl
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
