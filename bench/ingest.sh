@@ -15,7 +15,8 @@ WORK=${WORK:-/tmp/tether-ingest-bench}
 mkdir -p "$WORK"
 command -v jq >/dev/null || { echo "jq is needed: apt-get install -y jq" >&2; exit 2; }
 cargo build --release -q -p tether
-TETHER=$PWD/target/release/tether
+# Built where cargo builds: target/, or CARGO_TARGET_DIR (as admission.sh and soak.sh).
+TETHER=${CARGO_TARGET_DIR:-$PWD/target}/release/tether
 
 gen() { # FILE BYTES
     if [ ! -f "$1" ] || [ "$(stat -c %s "$1")" -lt "$2" ]; then
