@@ -54,6 +54,8 @@ QUIET_WAIT=${QUIET_WAIT:-10}
 PROFILES=${PROFILES:-10000}
 SMALL_PROFILES=${SMALL_PROFILES:-10}
 BENCH_DIR=${BENCH_DIR:-$(mktemp -d /tmp/tether-bench.XXXXXX)}
+# A BENCH_DIR given by name need not exist yet.
+mkdir -p "$BENCH_DIR"
 FIXTURE=$REPO/tests/data/admission/apiserver-1.35/pod-create-replicaset-initcontainers.json
 # The fixture is stored indented for reading; the API server sends compact JSON
 # (Go's encoding/json), 4.3 KB instead of 6.6 KB: send what it sends.

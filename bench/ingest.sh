@@ -59,11 +59,17 @@ import sys
 b, wc, jq, t, rss, t4, rss4, wc4, cores = sys.argv[1:]
 b = int(b); wc, jq, t, t4, wc4 = map(float, (wc, jq, t, t4, wc4))
 mib = b / 2**20
+# /usr/bin/time reports hundredths of a second: on a small input a fast run
+# reads 0.00 s, which has no rate and no ratio.
+def rate(mib, s):
+    return f"{mib/s:8.0f} MiB/s" if s > 0 else "   (under 0.01 s: too small to time; use a larger input)"
+def ratio(a, b, fmt, what):
+    return format(a / b, fmt) + what if a > 0 and b > 0 else "n/a (a run took under 0.01 s)"
 print(f"input {mib:.0f} MiB, {cores} cores, medians of the rounds")
-print(f"  wc -l          {wc:7.2f} s  {mib/wc:8.0f} MiB/s")
-print(f"  jq pipeline    {jq:7.2f} s  {mib/jq:8.0f} MiB/s")
-print(f"  tether build   {t:7.2f} s  {mib/t:8.0f} MiB/s  peak RSS {rss} MiB")
-print(f"  tether vs jq: {jq/t:.1f}x faster (target >= 10x, aim 25x)")
-print(f"  tether vs wc -l: {wc/t:.2f} of its throughput (aim 0.25)")
-print(f"  4x input: tether {t4:.2f} s ({4*mib/t4:.0f} MiB/s), peak RSS {rss4} MiB (target < 100 MiB, flat); wc -l {wc4:.2f} s")
+print(f"  wc -l          {wc:7.2f} s  {rate(mib, wc)}")
+print(f"  jq pipeline    {jq:7.2f} s  {rate(mib, jq)}")
+print(f"  tether build   {t:7.2f} s  {rate(mib, t)}  peak RSS {rss} MiB")
+print(f"  tether vs jq: {ratio(jq, t, '.1f', 'x faster')} (target >= 10x, aim 25x)")
+print(f"  tether vs wc -l: {ratio(wc, t, '.2f', ' of its throughput')} (aim 0.25)")
+print(f"  4x input: tether {t4:.2f} s ({rate(4 * mib, t4).strip()}), peak RSS {rss4} MiB (target < 100 MiB, flat); wc -l {wc4:.2f} s")
 PY
