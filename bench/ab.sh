@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# A/B of admission servers: the same closed-loop load on each in turn, rounds
+# alternating, one server running at a time, medians per server. For measuring
+# one change against another build (or another setting) in the same run, on a
+# machine too noisy for figures taken at different times to compare.
+#
+#   bash bench/ab.sh LABEL=KIND:BINARY[:VAR=VALUE,...] ...
+#
+# KIND is `tether` (started as `BINARY serve` on a store of PROFILES workloads,
+# enforce mode, JSON log to a file, as bench/admission.sh starts it) or `noop`
+# (the no-op server's command line). VAR=VALUE pairs go into that server's
+# environment. Example: the no-op server, tether as built, and a saved build:
+#
+#   bash bench/ab.sh noop=noop:target/release/noop-server \
+#       new=tether:target/release/tether old=tether:/tmp/tether-before
+#
+# Per run it prints req/s, the server's CPU per request (its CPU time over the
+# run's wall time, warm-up included, divided by the measured req/s, as
+# admission.sh reports it), the client's, the server's minor page faults per
+# request and the p99; then the medians, and each server's throughput as a
+# share of the first one's.
+#
+# Knobs (environment): ROUNDS (4), DURATION (6 s), WARMUP (1 s), CONNECTIONS (2),
+# CONCURRENCY (8 streams per connection), PROFILES (10000), AB_DIR
+# (/tmp/tether-ab: certificates, store and request body, made once and reused),
+# LOADGEN (loadgen of CARGO_TARGET_DIR or target/, built if missing).
+
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+ROUNDS=${ROUNDS:-4}
+DURATION=${DURATION:-6}
+WARMUP=${WARMUP:-1}
+CONNECTIONS=${CONNECTIONS:-2}
+CONCURRENCY=${CONCURRENCY:-8}
+PROFILES=${PROFILES:-10000}
+AB_DIR=${AB_DIR:-/tmp/tether-ab}
+TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+LOADGEN=${LOADGEN:-$TARGET/release/loadgen}
+FIXTURE=$REPO/tests/data/admission/apiserver-1.35/pod-create-replicaset-initcontainers.json
+
+if [ $# -eq 0 ]; then
+    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+fi
+
+log() { printf '[ab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# Parse every spec before starting anything: a typo fails here, not mid-run.
+LABELS=() KINDS=() BINS=() ENVS=()
+for spec in "$@"; do
+    if [[ ! "$spec" =~ ^([A-Za-z0-9_.-]+)=(tether|noop):([^:]+)(:(.*))?$ ]]; then
+        echo "bench/ab.sh: cannot read '$spec': expected LABEL=tether|noop:BINARY[:VAR=VALUE,...]" >&2
+        exit 2
+    fi
+    [ -x "${BASH_REMATCH[3]}" ] || { echo "bench/ab.sh: $spec: ${BASH_REMATCH[3]} is not an executable file" >&2; exit 2; }
+    LABELS+=("${BASH_REMATCH[1]}") KINDS+=("${BASH_REMATCH[2]}") BINS+=("${BASH_REMATCH[3]}") ENVS+=("${BASH_REMATCH[5]}")
+done
+TETHER=""
+for i in "${!KINDS[@]}"; do
+    if [ "${KINDS[$i]}" = tether ]; then TETHER=${BINS[$i]}; break; fi
+done
+TETHER=${TETHER:-$TARGET/release/tether}
+[ -x "$LOADGEN" ] || cargo build --release -q -p tether-loadgen
+
+mkdir -p "$AB_DIR"
+if [ ! -s "$AB_DIR/review.json" ] || [ ! -d "$AB_DIR/store" ] || [ ! -s "$AB_DIR/pki/tls.crt" ]; then
+    [ -x "$TETHER" ] || cargo build --release -q -p tether
+    log "setting up $AB_DIR: certificates, a store of $PROFILES profiles, the compact request body"
+    python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")))' \
+        "$FIXTURE" >"$AB_DIR/review.json"
+    "$TETHER" certs init --out "$AB_DIR/pki" --san localhost --force >/dev/null
+    rm -rf "$AB_DIR/store"
+    python3 bench/gen-store.py --count "$PROFILES" --store "$AB_DIR/store" --tether "$TETHER"
+fi
+
+PIDS=() PORTS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do
+        kill -CONT "$pid" 2>/dev/null || true
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_https() { # port label
+    for _ in $(seq 1 300); do
+        "$LOADGEN" --once --url "https://localhost:$1/mutate" --ca "$AB_DIR/pki/ca.crt" --body "$AB_DIR/review.json" \
+            >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "bench/ab.sh: $2 did not answer on port $1 within 30 s; its output: $AB_DIR/$2.log" >&2
+    exit 1
+}
+
+for i in "${!LABELS[@]}"; do
+    label=${LABELS[$i]} port=$(free_port)
+    envs=()
+    [ -n "${ENVS[$i]}" ] && IFS=',' read -ra envs <<<"${ENVS[$i]}"
+    if [ "${KINDS[$i]}" = tether ]; then
+        env "${envs[@]}" "${BINS[$i]}" serve --store "$AB_DIR/store" --tls-cert "$AB_DIR/pki/tls.crt" \
+            --tls-key "$AB_DIR/pki/tls.key" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$(free_port)" \
+            --default-mode enforce --drain-seconds 1 --log-level info --log-format json >"$AB_DIR/$label.log" 2>&1 &
+    else
+        env "${envs[@]}" "${BINS[$i]}" --listen "127.0.0.1:$port" --tls-cert "$AB_DIR/pki/tls.crt" \
+            --tls-key "$AB_DIR/pki/tls.key" >"$AB_DIR/$label.log" 2>&1 &
+    fi
+    PIDS+=($!) PORTS+=("$port")
+    wait_https "$port" "$label"
+done
+log "${#LABELS[@]} servers up; $ROUNDS rounds of ${DURATION}s (+${WARMUP}s warm-up), $CONNECTIONS x $CONCURRENCY streams"
+
+# utime+stime ticks and minor faults of a process, and the time.
+snapshot() { echo "$(awk '{print $14 + $15, $10}' "/proc/$1/stat") $(date +%s.%N)"; }
+RESULTS=$AB_DIR/ab-results.jsonl
+: >"$RESULTS"
+for _ in $(seq 1 "$ROUNDS"); do
+    for i in "${!LABELS[@]}"; do
+        for j in "${!PIDS[@]}"; do
+            if [ "$i" = "$j" ]; then kill -CONT "${PIDS[$j]}"; else kill -STOP "${PIDS[$j]}"; fi
+        done
+        before=$(snapshot "${PIDS[$i]}")
+        line=$("$LOADGEN" --url "https://localhost:${PORTS[$i]}/mutate" --ca "$AB_DIR/pki/ca.crt" \
+            --body "$AB_DIR/review.json" --connections "$CONNECTIONS" --concurrency "$CONCURRENCY" \
+            --duration "$DURATION" --warmup "$WARMUP" --label "${LABELS[$i]}")
+        after=$(snapshot "${PIDS[$i]}")
+        python3 - "$line" "$before" "$after" <<'EOF' | tee -a "$RESULTS" >/dev/null
+import json, os, sys
+d = json.loads(sys.argv[1])
+b = [float(x) for x in sys.argv[2].split()]
+a = [float(x) for x in sys.argv[3].split()]
+wall, rps = a[2] - b[2], d["throughput_rps"]
+d["server_us_per_req"] = round((a[0] - b[0]) / os.sysconf("SC_CLK_TCK") / wall * 1e6 / rps, 1)
+d["client_us_per_req"] = round(d.get("client_cpu_cores", 0) * 1e6 / rps, 1)
+d["faults_per_req"] = round((a[1] - b[1]) / wall / rps, 3)
+print(json.dumps(d))
+EOF
+        tail -1 "$RESULTS" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("%-16s %8.0f req/s  server %5.1f us/req  client %5.1f us/req  faults %.3f/req  p99 %s us  errors %d" % (d["label"], d["throughput_rps"], d["server_us_per_req"], d["client_us_per_req"], d["faults_per_req"], d["p99_us"], d["errors"]))'
+    done
+done
+for pid in "${PIDS[@]}"; do kill -CONT "$pid"; done
+
+python3 - "$RESULTS" "${LABELS[@]}" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+labels = sys.argv[2:]
+med = lambda label, key: statistics.median(r[key] for r in rows if r["label"] == label)
+first = med(labels[0], "throughput_rps")
+print()
+print("%-16s %10s %10s %14s %14s %8s" % ("medians", "req/s", "share", "server us/req", "client us/req", "errors"))
+for l in labels:
+    errors = sum(r["errors"] for r in rows if r["label"] == l)
+    print("%-16s %10.0f %9.1f%% %14.1f %14.1f %8d" % (l, med(l, "throughput_rps"), 100 * med(l, "throughput_rps") / first,
+          med(l, "server_us_per_req"), med(l, "client_us_per_req"), errors))
+print("every run: %s" % sys.argv[1])
+EOF
