@@ -54,6 +54,9 @@ for spec in "$@"; do
         echo "bench/ab.sh: cannot read '$spec': expected LABEL=tether|noop:BINARY[:VAR=VALUE,...]" >&2
         exit 2
     fi
+    for seen in "${LABELS[@]}"; do
+        [ "$seen" != "${BASH_REMATCH[1]}" ] || { echo "bench/ab.sh: the label ${BASH_REMATCH[1]} is given twice; labels name the results" >&2; exit 2; }
+    done
     [ -x "${BASH_REMATCH[3]}" ] || { echo "bench/ab.sh: $spec: ${BASH_REMATCH[3]} is not an executable file" >&2; exit 2; }
     LABELS+=("${BASH_REMATCH[1]}") KINDS+=("${BASH_REMATCH[2]}") BINS+=("${BASH_REMATCH[3]}") ENVS+=("${BASH_REMATCH[5]}")
 done
