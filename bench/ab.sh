@@ -9,7 +9,8 @@
 # KIND is `tether` (started as `BINARY serve` on a store of PROFILES workloads,
 # enforce mode, JSON log to a file, as bench/admission.sh starts it) or `noop`
 # (the no-op server's command line). VAR=VALUE pairs go into that server's
-# environment. Example: the no-op server, tether as built, and a saved build:
+# environment. A relative BINARY is taken from the repository root. Example:
+# the no-op server, tether as built, and a saved build:
 #
 #   bash bench/ab.sh noop=noop:target/release/noop-server \
 #       new=tether:target/release/tether old=tether:/tmp/tether-before
@@ -22,7 +23,8 @@
 #
 # Knobs (environment): ROUNDS (4), DURATION (6 s), WARMUP (1 s), CONNECTIONS (2),
 # CONCURRENCY (8 streams per connection), PROFILES (10000), AB_DIR
-# (/tmp/tether-ab: certificates, store and request body, made once and reused),
+# (/tmp/tether-ab: certificates, store and request body, made once and reused;
+# the store is made again when PROFILES changes),
 # LOADGEN (loadgen of CARGO_TARGET_DIR or target/, built if missing).
 
 set -euo pipefail
@@ -41,7 +43,7 @@ LOADGEN=${LOADGEN:-$TARGET/release/loadgen}
 FIXTURE=$REPO/tests/data/admission/apiserver-1.35/pod-create-replicaset-initcontainers.json
 
 if [ $# -eq 0 ]; then
-    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 
@@ -68,7 +70,8 @@ TETHER=${TETHER:-$TARGET/release/tether}
 [ -x "$LOADGEN" ] || cargo build --release -q -p tether-loadgen
 
 mkdir -p "$AB_DIR"
-if [ ! -s "$AB_DIR/review.json" ] || [ ! -d "$AB_DIR/store" ] || [ ! -s "$AB_DIR/pki/tls.crt" ]; then
+if [ ! -s "$AB_DIR/review.json" ] || [ ! -s "$AB_DIR/pki/tls.crt" ] \
+    || [ "$(cat "$AB_DIR/store.count" 2>/dev/null)" != "$PROFILES" ]; then
     [ -x "$TETHER" ] || cargo build --release -q -p tether
     log "setting up $AB_DIR: certificates, a store of $PROFILES profiles, the compact request body"
     python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")))' \
@@ -76,6 +79,7 @@ if [ ! -s "$AB_DIR/review.json" ] || [ ! -d "$AB_DIR/store" ] || [ ! -s "$AB_DIR
     "$TETHER" certs init --out "$AB_DIR/pki" --san localhost --force >/dev/null
     rm -rf "$AB_DIR/store"
     python3 bench/gen-store.py --count "$PROFILES" --store "$AB_DIR/store" --tether "$TETHER"
+    echo "$PROFILES" >"$AB_DIR/store.count"
 fi
 
 PIDS=() PORTS=()
