@@ -30,6 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
+. bench/common.sh
 
 ROUNDS=${ROUNDS:-4}
 DURATION=${DURATION:-6}
@@ -74,8 +75,7 @@ if [ ! -s "$AB_DIR/review.json" ] || [ ! -s "$AB_DIR/pki/tls.crt" ] \
     || [ "$(cat "$AB_DIR/store.count" 2>/dev/null)" != "$PROFILES" ]; then
     [ -x "$TETHER" ] || cargo build --release -q -p tether
     log "setting up $AB_DIR: certificates, a store of $PROFILES profiles, the compact request body"
-    python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")))' \
-        "$FIXTURE" >"$AB_DIR/review.json"
+    compact_json "$FIXTURE" "$AB_DIR/review.json"
     "$TETHER" certs init --out "$AB_DIR/pki" --san localhost --force >/dev/null
     rm -rf "$AB_DIR/store"
     python3 bench/gen-store.py --count "$PROFILES" --store "$AB_DIR/store" --tether "$TETHER"
@@ -91,7 +91,6 @@ cleanup() {
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_https() { # port label
     for _ in $(seq 1 300); do
         "$LOADGEN" --once --url "https://localhost:$1/mutate" --ca "$AB_DIR/pki/ca.crt" --body "$AB_DIR/review.json" \
@@ -107,9 +106,8 @@ for i in "${!LABELS[@]}"; do
     envs=()
     [ -n "${ENVS[$i]}" ] && IFS=',' read -ra envs <<<"${ENVS[$i]}"
     if [ "${KINDS[$i]}" = tether ]; then
-        env "${envs[@]}" "${BINS[$i]}" serve --store "$AB_DIR/store" --tls-cert "$AB_DIR/pki/tls.crt" \
-            --tls-key "$AB_DIR/pki/tls.key" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$(free_port)" \
-            --default-mode enforce --drain-seconds 1 --log-level info --log-format json >"$AB_DIR/$label.log" 2>&1 &
+        tether_serve_args "$AB_DIR/store" "$AB_DIR/pki" "$port" "$(free_port)"
+        env "${envs[@]}" "${BINS[$i]}" "${SERVE_ARGS[@]}" >"$AB_DIR/$label.log" 2>&1 &
     else
         env "${envs[@]}" "${BINS[$i]}" --listen "127.0.0.1:$port" --tls-cert "$AB_DIR/pki/tls.crt" \
             --tls-key "$AB_DIR/pki/tls.key" >"$AB_DIR/$label.log" 2>&1 &
@@ -133,7 +131,7 @@ for _ in $(seq 1 "$ROUNDS"); do
             --body "$AB_DIR/review.json" --connections "$CONNECTIONS" --concurrency "$CONCURRENCY" \
             --duration "$DURATION" --warmup "$WARMUP" --label "${LABELS[$i]}")
         after=$(snapshot "${PIDS[$i]}")
-        python3 - "$line" "$before" "$after" <<'EOF' | tee -a "$RESULTS" >/dev/null
+        python3 - "$line" "$before" "$after" "$RESULTS" <<'EOF'
 import json, os, sys
 d = json.loads(sys.argv[1])
 b = [float(x) for x in sys.argv[2].split()]
@@ -142,9 +140,11 @@ wall, rps = a[2] - b[2], d["throughput_rps"]
 d["server_us_per_req"] = round((a[0] - b[0]) / os.sysconf("SC_CLK_TCK") / wall * 1e6 / rps, 1)
 d["client_us_per_req"] = round(d.get("client_cpu_cores", 0) * 1e6 / rps, 1)
 d["faults_per_req"] = round((a[1] - b[1]) / wall / rps, 3)
-print(json.dumps(d))
+with open(sys.argv[4], "a") as out:
+    out.write(json.dumps(d) + "\n")
+print("%-16s %8.0f req/s  server %5.1f us/req  client %5.1f us/req  faults %.3f/req  p99 %s us  errors %d" % (
+    d["label"], rps, d["server_us_per_req"], d["client_us_per_req"], d["faults_per_req"], d["p99_us"], d["errors"]))
 EOF
-        tail -1 "$RESULTS" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("%-16s %8.0f req/s  server %5.1f us/req  client %5.1f us/req  faults %.3f/req  p99 %s us  errors %d" % (d["label"], d["throughput_rps"], d["server_us_per_req"], d["client_us_per_req"], d["faults_per_req"], d["p99_us"], d["errors"]))'
     done
 done
 for pid in "${PIDS[@]}"; do kill -CONT "$pid"; done

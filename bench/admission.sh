@@ -37,6 +37,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
+. bench/common.sh
 
 CONNECTIONS=${CONNECTIONS:-2}
 CONCURRENCY=${CONCURRENCY:-8}
@@ -57,8 +58,7 @@ BENCH_DIR=${BENCH_DIR:-$(mktemp -d /tmp/tether-bench.XXXXXX)}
 # A BENCH_DIR given by name need not exist yet.
 mkdir -p "$BENCH_DIR"
 FIXTURE=$REPO/tests/data/admission/apiserver-1.35/pod-create-replicaset-initcontainers.json
-# The fixture is stored indented for reading; the API server sends compact JSON
-# (Go's encoding/json), 4.3 KB instead of 6.6 KB: send what it sends.
+# Sent compact, as the API server sends it (compact_json, bench/common.sh).
 BODY=$BENCH_DIR/review.json
 
 # Built where cargo builds: target/, or CARGO_TARGET_DIR as soak.sh does.
@@ -82,10 +82,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
 wait_ready() { # URL of a plain-HTTP readiness endpoint, name
     local url=$1 name=$2
     for _ in $(seq 1 300); do
@@ -101,7 +97,7 @@ wait_ready() { # URL of a plain-HTTP readiness endpoint, name
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 log "results in $BENCH_DIR"
-python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")))' "$FIXTURE" >"$BODY"
+compact_json "$FIXTURE" "$BODY"
 : >"$RESULTS"
 
 log "building (release): tether, tether-loadgen"
@@ -120,9 +116,8 @@ start_tether() { # store name -> sets PORT, PID
     local store=$1 name=$2 metrics
     PORT=$(free_port)
     metrics=$(free_port)
-    "$TETHER" serve --store "$store" --tls-cert "$BENCH_DIR/pki/tls.crt" --tls-key "$BENCH_DIR/pki/tls.key" \
-        --listen "127.0.0.1:$PORT" --metrics-listen "127.0.0.1:$metrics" --default-mode enforce \
-        --drain-seconds 1 --log-level info --log-format json >"$BENCH_DIR/$name.log" 2>&1 &
+    tether_serve_args "$store" "$BENCH_DIR/pki" "$PORT" "$metrics"
+    "$TETHER" "${SERVE_ARGS[@]}" >"$BENCH_DIR/$name.log" 2>&1 &
     PID=$!
     PIDS+=("$PID")
     wait_ready "http://127.0.0.1:$metrics/readyz" "$name"

@@ -30,6 +30,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+. bench/common.sh
 REPO=$(pwd)
 
 SOAK_SECONDS=${SOAK_SECONDS:-600}
@@ -58,10 +59,6 @@ cleanup() {
     done
 }
 trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
 
 log "results in $SOAK_DIR"
 if [ "${NO_BUILD:-0}" != 1 ]; then
