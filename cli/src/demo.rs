@@ -123,6 +123,7 @@ pub(crate) fn run() -> Result<()> {
             drain: Duration::from_secs(5),
             cert_poll: Duration::from_secs(10),
             store_poll: Duration::from_secs(10),
+            decision_cache_entries: webhook::cache::DEFAULT_ENTRIES,
         })
         .await?;
         let base = format!("https://localhost:{}", running.addr.port());

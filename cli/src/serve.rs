@@ -60,6 +60,11 @@ pub(crate) struct ServeArgs {
     /// `--store kube://`: how often installer heartbeats are re-checked).
     #[arg(long, env = "TETHER_POLL_SECONDS", default_value_t = 10)]
     poll_seconds: u64,
+    /// Pod templates whose /mutate result is kept for the next pod with the same
+    /// fields (a Deployment's replicas); 0 turns the cache off. The same answer
+    /// either way; metrics tether_decision_cache_{hits,misses}.
+    #[arg(long, env = "TETHER_DECISION_CACHE_ENTRIES", default_value_t = webhook::cache::DEFAULT_ENTRIES)]
+    decision_cache_entries: usize,
 }
 
 /// The policy from `--config`, with the flags' overrides.
@@ -131,6 +136,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         drain: Duration::from_secs(args.drain_seconds),
         cert_poll: poll,
         store_poll: poll,
+        decision_cache_entries: args.decision_cache_entries,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -96,6 +96,7 @@ fn admissions() -> &'static [Admission] {
                     },
                     index: Arc::new(shared),
                     metrics: Metrics::default(),
+                    cache: Default::default(),
                 }
             })
             .collect()

@@ -61,6 +61,7 @@ pub async fn serve(policy: &str) -> Server {
         drain: Duration::from_secs(2),
         cert_poll: Duration::from_secs(1),
         store_poll: Duration::from_millis(300),
+        decision_cache_entries: webhook::cache::DEFAULT_ENTRIES,
     })
     .await
     .unwrap();
@@ -828,6 +829,7 @@ async fn a_panicking_handler_is_answered_500_counted_and_the_server_keeps_answer
         policy: Policy::from_yaml("{}").unwrap(),
         index,
         metrics: webhook::metrics::Metrics::default(),
+        cache: Default::default(),
     });
     let metrics = admission.metrics.clone();
     let routes = webhook::server::admission_routes().route(

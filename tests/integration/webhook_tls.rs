@@ -42,6 +42,7 @@ async fn setup(policy: &str) -> Setup {
         drain: Duration::from_secs(5),
         cert_poll: Duration::from_secs(1),
         store_poll: Duration::from_millis(300),
+        decision_cache_entries: webhook::cache::DEFAULT_ENTRIES,
     })
     .await
     .unwrap();

@@ -6,6 +6,7 @@
 //! the in-memory [`index`] (fed by the store directory, or by the API server through
 //! [`kube_index`], gated by [`gate`]), never the disk or the network.
 
+pub mod cache;
 pub mod crash;
 pub mod decide;
 pub mod gate;

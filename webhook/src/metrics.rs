@@ -117,6 +117,11 @@ pub struct Metrics {
     pub crash_fallbacks: Family<CrashLabels, Counter>,
     /// 1 while this replica holds the crash watcher's Lease.
     pub crash_watcher_leader: Gauge,
+    /// `/mutate` answers computed from a pod template's cached result
+    /// ([`crate::cache`]).
+    pub decision_cache_hits: Counter,
+    /// `/mutate` answers computed afresh while the decision cache is on.
+    pub decision_cache_misses: Counter,
     /// Handler panics caught at the router's boundary and answered with HTTP 500
     /// (any at all is a bug: no input should reach it).
     pub handler_panics: Counter,
@@ -154,6 +159,8 @@ impl Default for Metrics {
             held_back_workloads: Gauge::default(),
             crash_fallbacks: Family::default(),
             crash_watcher_leader: Gauge::default(),
+            decision_cache_hits: Counter::default(),
+            decision_cache_misses: Counter::default(),
             handler_panics: Counter::default(),
             certs: certs::CertMetrics::default(),
         }
@@ -224,6 +231,16 @@ impl Metrics {
             "handler_panics",
             "Handler panics caught at the router and answered with HTTP 500 (each one is a bug)",
             self.handler_panics.clone(),
+        );
+        r.register(
+            "decision_cache_hits",
+            "/mutate answers built from the cached result of an identical pod template",
+            self.decision_cache_hits.clone(),
+        );
+        r.register(
+            "decision_cache_misses",
+            "/mutate answers computed afresh while the decision cache is on",
+            self.decision_cache_misses.clone(),
         );
         self.certs.register(&mut r);
         r

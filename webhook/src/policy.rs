@@ -223,7 +223,7 @@ impl Default for Policy {
 }
 
 /// What the policy says about one namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NamespaceView {
     /// Its mode.
     pub mode: Mode,

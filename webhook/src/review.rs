@@ -2,8 +2,9 @@
 //! functions, build the answer from `AdmissionResponse::from(&request)` so the uid
 //! is kept. No HTTP here.
 
+use crate::cache::{Cached, Computed, DecisionCache};
 use crate::decide::{Action, Decision, Exemption, FallbackProfile, decide, validate};
-use crate::index::SharedIndex;
+use crate::index::{Index, SharedIndex};
 use crate::metrics::{Endpoint, ExemptionLabels, InjectionLabels, Metrics, Outcome, RequestLabels};
 use crate::patch::{describe, mutation_patch};
 use crate::policy::{Mode, NamespaceView, Policy};
@@ -28,6 +29,8 @@ pub struct Admission {
     pub index: Arc<SharedIndex>,
     /// Metrics.
     pub metrics: Metrics,
+    /// What `/mutate` computed per pod template ([`DecisionCache`]).
+    pub cache: DecisionCache,
 }
 
 // Built once per request and taken apart at once: a `Box` for the larger
@@ -184,35 +187,97 @@ impl Admission {
             return Ok(res.into_review());
         }
         let index = self.index.get();
-        let decision = decide(pod, &namespace, &view, self.policy.on_missing, &*index);
-        self.count_exemption(&decision);
+        let (computed, cached) = self.cache.get_or_compute(pod, &namespace, &view, &index, || {
+            self.compute(pod, &namespace, &view, &index)
+        })?;
+        let counter = match cached {
+            Cached::Hit => Some(&self.metrics.decision_cache_hits),
+            Cached::Miss => Some(&self.metrics.decision_cache_misses),
+            Cached::Off => None,
+        };
+        if let Some(counter) = counter {
+            counter.inc();
+        }
+        let decision = &computed.decision;
+        self.count_exemption(decision);
         for c in &decision.containers {
             if let Action::Fallback { reason, profile } = &c.action {
-                tracing::warn!(container = %c.name, workload = %workload(&decision), %reason, profile = ?profile, mode = %view.mode, "workload in fallback");
+                tracing::warn!(container = %c.name, workload = %computed.workload, %reason, profile = ?profile, mode = %view.mode, "workload in fallback");
             }
         }
+        for profile in &computed.injections {
+            self.metrics
+                .injections
+                .get_or_create(&InjectionLabels { profile })
+                .inc();
+        }
+        res.audit_annotations
+            .extend(computed.audit.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(patch) = &computed.patch {
+            // kube-core sets the patch type only in `with_patch`, which
+            // serializes the patch it is given: given an empty one, then the
+            // bytes serialized once for the template.
+            res = res
+                .with_patch(json_patch::Patch(Vec::new()))
+                .map_err(|e| Unreadable(format!("cannot serialize the patch: {e}")))?;
+            res.patch = Some(patch.clone());
+        }
+        if !computed.warnings.is_empty() {
+            res.warnings = Some(computed.warnings.clone());
+        }
+        let outcome = computed.outcome;
+        self.count(Endpoint::mutate, "CREATE", Some(view.mode), outcome);
+        // Fields as `&str`: a JSON log records them as strings directly, where
+        // `%`/`?` values go through `fmt` and an escaping adapter (a tenth of the
+        // server's CPU per admission was this line).
+        tracing::info!(
+            endpoint = "mutate",
+            uid = req.uid.as_str(),
+            namespace = namespace.as_str(),
+            workload = computed.workload.as_str(),
+            mode = view.mode.as_str(),
+            decision = outcome.as_str(),
+            dry_run = req.dry_run,
+            duration_us = start.elapsed().as_micros() as u64,
+            "admission"
+        );
+        Ok(res.into_review())
+    }
+
+    /// What `/mutate` answers for `pod` in `namespace` (enforce or dry-run),
+    /// before anything particular to the request: a function of its arguments
+    /// and the policy's `on_missing` only, which [`DecisionCache`] relies on.
+    fn compute(
+        &self,
+        pod: &PodView<'_>,
+        namespace: &str,
+        view: &NamespaceView,
+        index: &Index,
+    ) -> Result<Computed, Unreadable> {
+        let decision = decide(pod, namespace, view, self.policy.on_missing, index);
         let mut warnings = decision.warnings.clone();
+        let mut audit_annotations = Vec::new();
+        let mut patch = None;
+        let mut injections = Vec::new();
         let outcome = match view.mode {
             Mode::Enforce => {
-                let (patch, more) = mutation_patch(pod, &decision);
+                let (ops, more) = mutation_patch(pod, &decision);
                 warnings.extend(more);
-                for (_, profile) in decision.changes() {
-                    self.count_injection(&profile);
-                }
-                res.audit_annotations.extend(audit(&decision));
-                if patch.0.is_empty() {
+                injections = decision.changes().map(|(_, p)| injection_label(&p)).collect();
+                audit_annotations = audit(&decision);
+                if ops.0.is_empty() {
                     Outcome::allowed
                 } else {
-                    res = res
-                        .with_patch(patch)
-                        .map_err(|e| Unreadable(format!("cannot serialize the patch: {e}")))?;
+                    patch = Some(
+                        serde_json::to_vec(&ops).map_err(|e| Unreadable(format!("cannot serialize the patch: {e}")))?,
+                    );
                     Outcome::patched
                 }
             }
             Mode::DryRun | Mode::Off => {
                 let would = describe(&decision);
                 if !would.is_empty() {
-                    res.audit_annotations.insert("dry-run".into(), would.join("; "));
+                    audit_annotations.push(("dry-run".into(), would.join("; ")));
                 }
                 warnings.extend(would.into_iter().map(|w| format!("tether dry-run: {w}")));
                 if warnings.is_empty() {
@@ -222,25 +287,15 @@ impl Admission {
                 }
             }
         };
-        if !warnings.is_empty() {
-            res.warnings = Some(warnings);
-        }
-        self.count(Endpoint::mutate, "CREATE", Some(view.mode), outcome);
-        // Fields as `&str`: a JSON log records them as strings directly, where
-        // `%`/`?` values go through `fmt` and an escaping adapter (a tenth of the
-        // server's CPU per admission was this line).
-        tracing::info!(
-            endpoint = "mutate",
-            uid = req.uid.as_str(),
-            namespace = namespace.as_str(),
-            workload = workload(&decision).as_str(),
-            mode = view.mode.as_str(),
-            decision = outcome.as_str(),
-            dry_run = req.dry_run,
-            duration_us = start.elapsed().as_micros() as u64,
-            "admission"
-        );
-        Ok(res.into_review())
+        Ok(Computed {
+            workload: workload(&decision),
+            decision,
+            patch,
+            warnings,
+            audit: audit_annotations,
+            outcome,
+            injections,
+        })
     }
 
     /// Answers `/validate`.
@@ -309,19 +364,15 @@ impl Admission {
         };
         self.metrics.exemptions.get_or_create(&ExemptionLabels { result }).inc();
     }
+}
 
-    fn count_injection(&self, profile: &k8s_openapi::api::core::v1::SeccompProfile) {
-        self.metrics
-            .injections
-            .get_or_create(&InjectionLabels {
-                profile: match profile.type_.as_str() {
-                    "Localhost" => "Localhost",
-                    "RuntimeDefault" => "RuntimeDefault",
-                    "Unconfined" => "Unconfined",
-                    _ => "other",
-                },
-            })
-            .inc();
+/// The injections metric's label for a profile set.
+fn injection_label(profile: &k8s_openapi::api::core::v1::SeccompProfile) -> &'static str {
+    match profile.type_.as_str() {
+        "Localhost" => "Localhost",
+        "RuntimeDefault" => "RuntimeDefault",
+        "Unconfined" => "Unconfined",
+        _ => "other",
     }
 }
 

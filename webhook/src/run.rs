@@ -72,6 +72,9 @@ pub struct ServeOptions {
     /// Store poll backstop (with the API server: how often installer heartbeats
     /// are re-checked).
     pub store_poll: Duration,
+    /// Pod templates whose `/mutate` result is kept ([`crate::cache`]); 0 turns
+    /// the cache off.
+    pub decision_cache_entries: usize,
 }
 
 /// Why the webhook could not start.
@@ -188,6 +191,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running, StartError> {
         policy,
         index: index.clone(),
         metrics: metrics.clone(),
+        cache: crate::cache::DecisionCache::new(opts.decision_cache_entries),
     });
     let listener = bind(opts.listen).await?;
     let metrics_listener = bind(opts.metrics_listen).await?;

@@ -190,7 +190,7 @@ pub type StrMap<'a> = BTreeMap<Str<'a>, Str<'a>>;
 /// A Pod as admission reads it: what [`crate::decide`] and [`crate::patch`] use
 /// and nothing else. Read from a request body (borrowing from it), or made from a
 /// k8s-openapi `Pod` ([`PodView::of`]) by code that already holds one.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodView<'a> {
     /// The metadata fields admission reads.
@@ -202,7 +202,7 @@ pub struct PodView<'a> {
 }
 
 /// `metadata`, as admission reads it.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MetaView<'a> {
     /// `name` (absent for pods created from `generateName`).
@@ -226,7 +226,7 @@ pub struct MetaView<'a> {
 }
 
 /// An ownerReference, as admission reads it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OwnerView<'a> {
     /// `kind`.
@@ -241,7 +241,7 @@ pub struct OwnerView<'a> {
 }
 
 /// `spec`, as admission reads it.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SpecView<'a> {
     /// `containers`.
@@ -256,7 +256,7 @@ pub struct SpecView<'a> {
 }
 
 /// A container (or init container), as admission reads it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerView<'a> {
     /// `name`.
@@ -269,7 +269,7 @@ pub struct ContainerView<'a> {
 }
 
 /// A `securityContext` (pod or container), as admission reads it.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SecurityContextView<'a> {
     /// `seccompProfile`.
@@ -278,7 +278,7 @@ pub struct SecurityContextView<'a> {
 }
 
 /// A `seccompProfile`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProfileView<'a> {
     /// `type`: `Localhost`, `RuntimeDefault` or `Unconfined`.
@@ -348,6 +348,123 @@ impl<'a> PodView<'a> {
                 }),
             }),
         }
+    }
+}
+
+/// Bytes a view's strings and containers are counted at beyond their text:
+/// what a copy allocates around each (a rough, deliberately high figure).
+const OVERHEAD: usize = 48;
+
+impl Str<'_> {
+    /// The string, owned (for keeping past the request body).
+    pub fn to_static(&self) -> Str<'static> {
+        Str(Cow::Owned(self.0.as_ref().to_owned()))
+    }
+}
+
+fn map_to_static(m: &StrMap<'_>) -> StrMap<'static> {
+    m.iter().map(|(k, v)| (k.to_static(), v.to_static())).collect()
+}
+
+fn map_weight(m: &StrMap<'_>) -> usize {
+    m.iter().map(|(k, v)| k.len() + v.len() + 2 * OVERHEAD).sum()
+}
+
+impl ProfileView<'_> {
+    fn to_static(&self) -> ProfileView<'static> {
+        ProfileView {
+            type_: self.type_.to_static(),
+            localhost_profile: self.localhost_profile.as_ref().map(Str::to_static),
+        }
+    }
+
+    fn weight(&self) -> usize {
+        self.type_.len() + self.localhost_profile.as_ref().map_or(0, |p| p.len()) + 2 * OVERHEAD
+    }
+}
+
+impl SecurityContextView<'_> {
+    fn to_static(&self) -> SecurityContextView<'static> {
+        SecurityContextView {
+            seccomp_profile: self.seccomp_profile.as_ref().map(ProfileView::to_static),
+        }
+    }
+
+    fn weight(&self) -> usize {
+        OVERHEAD + self.seccomp_profile.as_ref().map_or(0, ProfileView::weight)
+    }
+}
+
+impl ContainerView<'_> {
+    fn to_static(&self) -> ContainerView<'static> {
+        ContainerView {
+            name: self.name.to_static(),
+            security_context: self.security_context.as_ref().map(SecurityContextView::to_static),
+        }
+    }
+
+    fn weight(&self) -> usize {
+        self.name.len() + OVERHEAD + self.security_context.as_ref().map_or(0, SecurityContextView::weight)
+    }
+}
+
+impl PodView<'_> {
+    /// The same view with its strings owned: to keep it after the request body
+    /// is gone (the decision cache keeps views as keys).
+    pub fn to_static(&self) -> PodView<'static> {
+        let m = &self.metadata;
+        PodView {
+            metadata: MetaView {
+                name: m.name.as_ref().map(Str::to_static),
+                generate_name: m.generate_name.as_ref().map(Str::to_static),
+                namespace: m.namespace.as_ref().map(Str::to_static),
+                labels: m.labels.as_ref().map(map_to_static),
+                annotations: m.annotations.as_ref().map(map_to_static),
+                owner_references: m.owner_references.as_ref().map(|owners| {
+                    owners
+                        .iter()
+                        .map(|o| OwnerView {
+                            kind: o.kind.to_static(),
+                            name: o.name.to_static(),
+                            controller: o.controller,
+                        })
+                        .collect()
+                }),
+            },
+            spec: self.spec.as_ref().map(|s| SpecView {
+                containers: s.containers.iter().map(ContainerView::to_static).collect(),
+                init_containers: s
+                    .init_containers
+                    .as_ref()
+                    .map(|l| l.iter().map(ContainerView::to_static).collect()),
+                security_context: s.security_context.as_ref().map(SecurityContextView::to_static),
+            }),
+        }
+    }
+
+    /// About how many bytes of memory [`PodView::to_static`]'s copy takes: its
+    /// strings' lengths, plus a fixed allowance per string and container.
+    pub fn weight(&self) -> usize {
+        let m = &self.metadata;
+        let text = |s: &Option<Str<'_>>| s.as_ref().map_or(0, |s| s.len() + OVERHEAD);
+        let meta = text(&m.name)
+            + text(&m.generate_name)
+            + text(&m.namespace)
+            + m.labels.as_ref().map_or(0, map_weight)
+            + m.annotations.as_ref().map_or(0, map_weight)
+            + m.owner_references.as_ref().map_or(0, |owners| {
+                owners.iter().map(|o| o.kind.len() + o.name.len() + 3 * OVERHEAD).sum()
+            });
+        let spec = self.spec.as_ref().map_or(0, |s| {
+            let containers: usize = s
+                .containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .map(ContainerView::weight)
+                .sum();
+            containers + OVERHEAD + s.security_context.as_ref().map_or(0, SecurityContextView::weight)
+        });
+        OVERHEAD + meta + spec
     }
 }
 

@@ -52,6 +52,15 @@ fn admission(policy: &str, entries: Vec<(&str, Entry)>) -> Admission {
         policy: Policy::from_yaml(policy).unwrap(),
         index: Arc::new(index),
         metrics: Metrics::default(),
+        cache: Default::default(),
+    }
+}
+
+/// The same admission without the decision cache: every answer computed afresh.
+fn uncached(policy: &str, entries: Vec<(&str, Entry)>) -> Admission {
+    Admission {
+        cache: crate::cache::DecisionCache::new(0),
+        ..admission(policy, entries)
     }
 }
 
@@ -576,4 +585,177 @@ fn unreadable_requests_are_errors_that_say_why() {
         assert!(err.contains(want), "{err}");
         assert!(a.validate(&body).is_err());
     }
+}
+
+/// The answer's bytes as the server sends them.
+fn answer_bytes(a: &Admission, review: &Value) -> Vec<u8> {
+    crate::wire::to_vec(&a.mutate(&serde_json::to_vec(review).unwrap()).unwrap()).unwrap()
+}
+
+fn with_uid(mut r: Value, uid: &str) -> Value {
+    r["request"]["uid"] = json!(uid);
+    r
+}
+
+#[test]
+fn cached_answers_are_byte_for_byte_the_fresh_ones() {
+    let fallback = || {
+        let mut e = checkout();
+        e[1].1 = entry('b', Some("exit 159 (SIGSYS) in checkout-6c9d7b8f4d-x2x9z"));
+        e
+    };
+    let debug = || {
+        checkout()
+            .into_iter()
+            .chain([
+                ("shop/pod/debug-shell/debug-shell", entry('a', None)),
+                ("kubewarden/deployment/kubewarden-controller/manager", entry('d', None)),
+                ("default/pod/busybox/busybox", entry('e', None)),
+            ])
+            .collect::<Vec<_>>()
+    };
+    let cases: Vec<(&str, Vec<(&str, Entry)>)> = vec![
+        ("{}", debug()),
+        ("onMissing: runtime-default", debug()),
+        ("namespaces: {shop: {labels: {tether.dev/mode: dry-run}}}", debug()),
+        (
+            "namespaces: {shop: {labels: {tether.dev/allow-exemptions: \"true\"}}}",
+            debug(),
+        ),
+        ("{}", fallback()),
+        (
+            "namespaces: {shop: {labels: {pod-security.kubernetes.io/enforce: restricted}}}",
+            fallback(),
+        ),
+        ("namespaces: {shop: {labels: {tether.dev/mode: bogus}}}", debug()),
+    ];
+    let fixtures = [
+        "admission/apiserver-1.35/pod-create-replicaset-initcontainers.json",
+        "admission/apiserver-1.35/pod-create-bare-exemption-annotation.json",
+        "admission/apiserver-1.35/pod-create-bare-dryrun.json",
+        "admission/01-pod-create-replicaset-owner-request-only.json",
+        "admission/02-pod-create-replicaset-owner-v1-envelope.json",
+        "admission/03-pod-create-2containers-2initcontainers-request-only.json",
+        "admission/04-pod-create-kubectl-apply-full-envelope.json",
+    ];
+    let mut patched_answers = 0;
+    for (policy, entries) in cases {
+        let cached = admission(policy, entries.clone());
+        let fresh = uncached(policy, entries);
+        for fixture in fixtures {
+            let first = review(fixture);
+            let want = answer_bytes(&fresh, &first);
+            assert_eq!(answer_bytes(&cached, &first), want, "{policy} {fixture}: first answer");
+            // A second pod from the same template: its own uid, the rest the same.
+            let second = with_uid(first.clone(), "0d5c4b1a-0000-4000-8000-000000000002");
+            let hits = cached.metrics.decision_cache_hits.get();
+            assert_eq!(
+                answer_bytes(&cached, &second),
+                answer_bytes(&fresh, &second),
+                "{policy} {fixture}: answer from the cache"
+            );
+            assert_eq!(
+                cached.metrics.decision_cache_hits.get(),
+                hits + 1,
+                "{policy} {fixture}: not a hit"
+            );
+            patched_answers += usize::from(String::from_utf8_lossy(&want).contains("\"patch\""));
+        }
+        assert_eq!(fresh.metrics.decision_cache_hits.get(), 0);
+        assert_eq!(fresh.metrics.decision_cache_misses.get(), 0);
+    }
+    // The cases cover patches, not only allowed-untouched answers.
+    assert!(patched_answers >= 10, "{patched_answers}");
+}
+
+#[test]
+fn a_new_index_is_never_answered_from_the_cache() {
+    let a = admission("{}", checkout());
+    let r = review("admission/apiserver-1.35/pod-create-replicaset-initcontainers.json");
+    let (_, before) = mutate(&a, &r);
+    assert!(before.to_string().contains("app-bbbbbbbbbbbb.json"), "{before}");
+    let mut entries = checkout();
+    entries[1].1 = entry('d', None);
+    a.index
+        .set(Index::from_entries(entries.into_iter().map(|(k, e)| (key(k), e))));
+    let (_, after) = mutate(&a, &r);
+    assert!(after.to_string().contains("app-dddddddddddd.json"), "{after}");
+    assert_eq!(a.metrics.decision_cache_hits.get(), 0);
+    assert_eq!(a.metrics.decision_cache_misses.get(), 2);
+    // And the new result is kept for the next pod.
+    mutate(&a, &r);
+    assert_eq!(a.metrics.decision_cache_hits.get(), 1);
+}
+
+#[test]
+fn pods_differing_in_a_field_admission_reads_get_their_own_answers() {
+    let a = admission(
+        "namespaces: {staging: {labels: {tether.dev/mode: dry-run}}, shop: {labels: {tether.dev/allow-exemptions: \"true\"}}}",
+        checkout(),
+    );
+    let fresh = uncached(
+        "namespaces: {staging: {labels: {tether.dev/mode: dry-run}}, shop: {labels: {tether.dev/allow-exemptions: \"true\"}}}",
+        checkout(),
+    );
+    let base = review("admission/apiserver-1.35/pod-create-replicaset-initcontainers.json");
+    let mut exempt = base.clone();
+    exempt["request"]["object"]["metadata"]["annotations"] = json!({(names::EXEMPT): "incident 7"});
+    let mut staging = base.clone();
+    staging["request"]["namespace"] = json!("staging");
+    // The ReplicaSet's hash no longer matches its name: the pod is keyed to
+    // the ReplicaSet, which has no profile, not to the Deployment.
+    let mut relabeled = base.clone();
+    relabeled["request"]["object"]["metadata"]["labels"]["pod-template-hash"] = json!("0000000000");
+    let variants = [
+        base.clone(),
+        with_container_profile(base.clone(), 0, json!({"type": "RuntimeDefault"})),
+        with_container_profile(
+            base.clone(),
+            0,
+            json!({"type": "Localhost", "localhostProfile": "tether/x.json"}),
+        ),
+        exempt,
+        staging,
+        relabeled,
+    ];
+    let answers: Vec<Vec<u8>> = variants.iter().map(|r| answer_bytes(&fresh, r)).collect();
+    for (i, r) in variants.iter().enumerate() {
+        assert_eq!(answer_bytes(&a, r), answers[i], "variant {i}, first");
+    }
+    // Every variant is kept apart: asked again in another order, each gets its own.
+    for (i, r) in variants.iter().enumerate().rev() {
+        assert_eq!(answer_bytes(&a, r), answers[i], "variant {i}, from the cache");
+    }
+    assert_eq!(a.metrics.decision_cache_hits.get(), variants.len() as u64);
+    // Not a vacuous check: the variants' answers differ from the base's.
+    assert!(answers[1..].iter().all(|x| *x != answers[0]));
+}
+
+#[test]
+fn the_decision_cache_stays_within_its_bounds() {
+    let a = Admission {
+        cache: crate::cache::DecisionCache::new(3),
+        ..admission("{}", checkout())
+    };
+    let base = review("admission/apiserver-1.35/pod-create-replicaset-initcontainers.json");
+    for i in 0..10 {
+        let mut r = base.clone();
+        r["request"]["object"]["metadata"]["labels"]["example.com/revision"] = json!(format!("r{i}"));
+        let (res, patch) = mutate(&a, &r);
+        assert_eq!(res["allowed"], true);
+        assert!(patch.to_string().contains("app-bbbbbbbbbbbb.json"));
+        assert!(a.cache.len() <= 3, "{} kept after {i}", a.cache.len());
+    }
+    assert_eq!(a.metrics.decision_cache_misses.get(), 10);
+    // A pod heavier than a key may be is answered, and not kept.
+    let kept = a.cache.len();
+    let mut heavy = base.clone();
+    heavy["request"]["object"]["metadata"]["annotations"] =
+        json!({"example.com/blob": "x".repeat(crate::cache::MAX_KEY_BYTES)});
+    let (res, patch) = mutate(&a, &heavy);
+    assert_eq!(res["allowed"], true);
+    assert!(patch.to_string().contains("app-bbbbbbbbbbbb.json"));
+    assert_eq!(a.cache.len(), kept);
+    mutate(&a, &heavy);
+    assert_eq!(a.metrics.decision_cache_hits.get(), 0);
 }

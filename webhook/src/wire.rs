@@ -73,7 +73,15 @@ impl Serialize for Response<'_> {
             m.serialize_entry("patchType", "JSONPatch")?;
         }
         if !r.audit_annotations.is_empty() {
-            m.serialize_entry("auditAnnotations", &r.audit_annotations)?;
+            // Sorted by key, as Go's encoder writes maps: kube-core keeps them
+            // in a `HashMap`, whose order changes from one map to the next, so
+            // the same answer came out in different bytes.
+            let sorted: std::collections::BTreeMap<&str, &str> = r
+                .audit_annotations
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            m.serialize_entry("auditAnnotations", &sorted)?;
         }
         if let Some(warnings) = &r.warnings {
             m.serialize_entry("warnings", warnings)?;
@@ -142,5 +150,18 @@ mod tests {
             }
             assert_eq!(ours, theirs);
         }
+    }
+
+    #[test]
+    fn audit_annotations_are_written_in_key_order() {
+        let mut res = AdmissionResponse::from(&request());
+        for k in ["injected", "dry-run", "fallback", "exempted", "denied"] {
+            res.audit_annotations.insert(k.into(), format!("{k}!"));
+        }
+        let text = String::from_utf8(to_vec(&res.into_review()).unwrap()).unwrap();
+        assert!(
+            text.contains(r#""auditAnnotations":{"denied":"denied!","dry-run":"dry-run!","exempted":"exempted!","fallback":"fallback!","injected":"injected!"}"#),
+            "{text}"
+        );
     }
 }
