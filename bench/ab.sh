@@ -18,11 +18,16 @@
 # Per run it prints req/s, the server's CPU per request (its CPU time over the
 # run's wall time, warm-up included, divided by the measured req/s, as
 # admission.sh reports it), the client's, the server's minor page faults per
-# request and the p99; then the medians, and each server's throughput as a
-# share of the first one's.
+# request and the p99; then the medians, each server's throughput as a share
+# of the first one's, and the median (and range) of that share taken round by
+# round, which a machine whose speed drifts during the run disturbs less.
 #
 # Knobs (environment): ROUNDS (4), DURATION (6 s), WARMUP (1 s), CONNECTIONS (2),
-# CONCURRENCY (8 streams per connection), PROFILES (10000), AB_DIR
+# CONCURRENCY (8 streams per connection), PROFILES (10000), VARIANTS (1: how
+# many different request bodies are sent in turn, each with its own value of
+# the pod label bench.tether.dev/variant; more variants than tether's
+# --decision-cache-entries, e.g. VARIANTS=2 against
+# TETHER_DECISION_CACHE_ENTRIES=1, make every admission a cache miss), AB_DIR
 # (/tmp/tether-ab: certificates, store and request body, made once and reused;
 # the store is made again when PROFILES changes),
 # LOADGEN (loadgen of CARGO_TARGET_DIR or target/, built if missing).
@@ -38,13 +43,14 @@ WARMUP=${WARMUP:-1}
 CONNECTIONS=${CONNECTIONS:-2}
 CONCURRENCY=${CONCURRENCY:-8}
 PROFILES=${PROFILES:-10000}
+VARIANTS=${VARIANTS:-1}
 AB_DIR=${AB_DIR:-/tmp/tether-ab}
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
 LOADGEN=${LOADGEN:-$TARGET/release/loadgen}
 FIXTURE=$REPO/tests/data/admission/apiserver-1.35/pod-create-replicaset-initcontainers.json
 
 if [ $# -eq 0 ]; then
-    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 
@@ -82,6 +88,18 @@ if [ ! -s "$AB_DIR/review.json" ] || [ ! -s "$AB_DIR/pki/tls.crt" ] \
     echo "$PROFILES" >"$AB_DIR/store.count"
 fi
 
+# The bodies: the review itself, or VARIANTS copies differing in one label.
+BODIES=(--body "$AB_DIR/review.json")
+if [ "$VARIANTS" -gt 1 ]; then
+    BODIES=()
+    mkdir -p "$AB_DIR/variants"
+    for v in $(seq 1 "$VARIANTS"); do
+        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["request"]["object"]["metadata"].setdefault("labels", {})["bench.tether.dev/variant"]=sys.argv[2]; print(json.dumps(r, separators=(",", ":")))' \
+            "$AB_DIR/review.json" "$v" >"$AB_DIR/variants/$v.json"
+        BODIES+=(--body "$AB_DIR/variants/$v.json")
+    done
+fi
+
 PIDS=() PORTS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do
@@ -115,7 +133,7 @@ for i in "${!LABELS[@]}"; do
     PIDS+=($!) PORTS+=("$port")
     wait_https "$port" "$label"
 done
-log "${#LABELS[@]} servers up; $ROUNDS rounds of ${DURATION}s (+${WARMUP}s warm-up), $CONNECTIONS x $CONCURRENCY streams"
+log "${#LABELS[@]} servers up; $ROUNDS rounds of ${DURATION}s (+${WARMUP}s warm-up), $CONNECTIONS x $CONCURRENCY streams, $VARIANTS request bodies"
 
 # utime+stime ticks and minor faults of a process, and the time.
 snapshot() { echo "$(awk '{print $14 + $15, $10}' "/proc/$1/stat") $(date +%s.%N)"; }
@@ -128,7 +146,7 @@ for _ in $(seq 1 "$ROUNDS"); do
         done
         before=$(snapshot "${PIDS[$i]}")
         line=$("$LOADGEN" --url "https://localhost:${PORTS[$i]}/mutate" --ca "$AB_DIR/pki/ca.crt" \
-            --body "$AB_DIR/review.json" --connections "$CONNECTIONS" --concurrency "$CONCURRENCY" \
+            "${BODIES[@]}" --connections "$CONNECTIONS" --concurrency "$CONCURRENCY" \
             --duration "$DURATION" --warmup "$WARMUP" --label "${LABELS[$i]}")
         after=$(snapshot "${PIDS[$i]}")
         python3 - "$line" "$before" "$after" "$RESULTS" <<'EOF'
@@ -155,11 +173,20 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 labels = sys.argv[2:]
 med = lambda label, key: statistics.median(r[key] for r in rows if r["label"] == label)
 first = med(labels[0], "throughput_rps")
+# Rounds run the servers one after the other, so each round's share against
+# the first server compares runs seconds apart; its median holds up better
+# than the ratio of medians when the machine's speed drifts during the run.
+rounds = [rows[i:i + len(labels)] for i in range(0, len(rows), len(labels))]
+def round_share(label):
+    shares = [100 * r[labels.index(label)]["throughput_rps"] / r[0]["throughput_rps"] for r in rounds]
+    return statistics.median(shares), min(shares), max(shares)
 print()
-print("%-16s %10s %10s %14s %14s %8s" % ("medians", "req/s", "share", "server us/req", "client us/req", "errors"))
+print("%-16s %10s %10s %20s %14s %14s %8s" % ("medians", "req/s", "share", "share per round", "server us/req", "client us/req", "errors"))
 for l in labels:
     errors = sum(r["errors"] for r in rows if r["label"] == l)
-    print("%-16s %10.0f %9.1f%% %14.1f %14.1f %8d" % (l, med(l, "throughput_rps"), 100 * med(l, "throughput_rps") / first,
+    m, lo, hi = round_share(l)
+    print("%-16s %10.0f %9.1f%% %6.1f%% (%4.1f-%4.1f) %14.1f %14.1f %8d" % (l, med(l, "throughput_rps"),
+          100 * med(l, "throughput_rps") / first, m, lo, hi,
           med(l, "server_us_per_req"), med(l, "client_us_per_req"), errors))
 print("every run: %s" % sys.argv[1])
 EOF
