@@ -30,7 +30,7 @@ use crate::policy::NamespaceView;
 use crate::slim::PodView;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Entries kept by default (`tether serve --decision-cache-entries`).
 pub const DEFAULT_ENTRIES: usize = 1024;
@@ -71,8 +71,11 @@ struct Slot {
 
 #[derive(Default)]
 struct Slots {
-    /// The index snapshot the results were computed under.
-    index: Option<Arc<Index>>,
+    /// The index snapshot the results were computed under. Weak: a replaced
+    /// snapshot is freed even while the cache is idle, yet its allocation
+    /// stays, so a newer snapshot can never be placed at the same address and
+    /// be taken for it.
+    index: Option<Weak<Index>>,
     /// By hash of the inputs; a bucket holds more than one slot only on a
     /// hash collision.
     by_hash: HashMap<u64, Vec<Slot>>,
@@ -81,6 +84,13 @@ struct Slots {
 }
 
 impl Slots {
+    /// Whether the results kept were computed under `index`.
+    fn is_under(&self, index: &Arc<Index>) -> bool {
+        self.index
+            .as_ref()
+            .is_some_and(|kept| std::ptr::eq(kept.as_ptr(), Arc::as_ptr(index)))
+    }
+
     fn clear(&mut self) {
         self.by_hash.clear();
         self.len = 0;
@@ -170,9 +180,9 @@ impl DecisionCache {
         let hash = self.hasher.hash_one((pod, namespace, view));
         {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            if !slots.index.as_ref().is_some_and(|kept| Arc::ptr_eq(kept, index)) {
+            if !slots.is_under(index) {
                 slots.clear();
-                slots.index = Some(index.clone());
+                slots.index = Some(Arc::downgrade(index));
             }
             let found = slots
                 .by_hash
@@ -194,7 +204,7 @@ impl DecisionCache {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             // Only under the snapshot it was computed for (the index may have
             // been swapped, and the cache emptied, while this one computed).
-            if slots.index.as_ref().is_some_and(|kept| Arc::ptr_eq(kept, index)) {
+            if slots.is_under(index) {
                 if slots.len >= self.capacity || slots.bytes + weight > MAX_BYTES {
                     slots.clear();
                 }
@@ -282,6 +292,10 @@ mod tests {
         let owned = pod.to_static();
         drop(body);
         assert_eq!(ask(&cache, &owned, "shop", &enforce, &two, &runs), Cached::Hit);
+        // The cache does not keep a snapshot alive.
+        let (weak_one, weak_two) = (Arc::downgrade(&one), Arc::downgrade(&two));
+        drop((one, two));
+        assert!(weak_one.upgrade().is_none() && weak_two.upgrade().is_none());
     }
 
     #[test]
