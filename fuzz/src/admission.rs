@@ -4,11 +4,15 @@
 //! serializes with [`webhook::wire::to_vec`]; a patch is a JSON patch that applies
 //! to the request's object; and mutating the patched object again yields no patch
 //! (the API server re-invokes webhooks after other mutations, so a second patch
-//! would be applied twice or loop with reinvocationPolicy: IfNeeded).
+//! would be applied twice or loop with reinvocationPolicy: IfNeeded). And the
+//! decision cache never changes an answer: each configuration runs twice, with
+//! its cache (kept across inputs, so earlier inputs' results are there to be
+//! wrongly matched) and without, and their answers must be the same bytes.
 
 use profile_store::{Version, WorkloadKey};
 use serde_json::Value;
 use std::sync::{Arc, OnceLock};
+use webhook::cache::DecisionCache;
 use webhook::index::{Entry, Index, SharedIndex};
 use webhook::metrics::Metrics;
 use webhook::{Admission, Policy};
@@ -81,23 +85,25 @@ namespaces:
 ",
 ];
 
-fn admissions() -> &'static [Admission] {
-    static ADMISSIONS: OnceLock<Vec<Admission>> = OnceLock::new();
+/// Each policy's admission with its decision cache, and the same without one.
+fn admissions() -> &'static [(Admission, Admission)] {
+    static ADMISSIONS: OnceLock<Vec<(Admission, Admission)>> = OnceLock::new();
     ADMISSIONS.get_or_init(|| {
         POLICIES
             .iter()
             .map(|p| {
-                let shared = SharedIndex::default();
+                let shared = Arc::new(SharedIndex::default());
                 shared.set(index());
-                Admission {
+                let admission = |cache| Admission {
                     policy: match Policy::from_yaml(p) {
                         Ok(policy) => policy,
                         Err(e) => panic!("fuzz policy does not parse: {e}\n{p}"),
                     },
-                    index: Arc::new(shared),
+                    index: shared.clone(),
                     metrics: Metrics::default(),
-                    cache: Default::default(),
-                }
+                    cache,
+                };
+                (admission(DecisionCache::default()), admission(DecisionCache::new(0)))
             })
             .collect()
     })
@@ -105,16 +111,30 @@ fn admissions() -> &'static [Admission] {
 
 /// Runs `data` through every admission configuration.
 pub fn fuzz_one(data: &[u8]) {
-    for adm in admissions() {
+    for (adm, uncached) in admissions() {
         if let Ok(review) = adm.validate(data) {
             assert!(review.response.is_some(), "validate answered without a response");
             if let Err(e) = webhook::wire::to_vec(&review) {
                 panic!("validate's answer does not serialize: {e}");
             }
         }
-        let Ok(review) = adm.mutate(data) else { continue };
-        if let Err(e) = webhook::wire::to_vec(&review) {
-            panic!("mutate's answer does not serialize: {e}");
+        let answer = adm.mutate(data);
+        let fresh = uncached.mutate(data);
+        let Ok(review) = answer else {
+            assert!(fresh.is_err(), "mutate failed with its cache and answered without");
+            continue;
+        };
+        let bytes = match webhook::wire::to_vec(&review) {
+            Ok(b) => b,
+            Err(e) => panic!("mutate's answer does not serialize: {e}"),
+        };
+        match fresh.map(|f| webhook::wire::to_vec(&f)) {
+            Ok(Ok(fresh)) if fresh == bytes => {}
+            other => panic!(
+                "the decision cache changed the answer:\n cached {}\n fresh {:?}",
+                String::from_utf8_lossy(&bytes),
+                other.map(|r| r.map(|b| String::from_utf8_lossy(&b).into_owned()))
+            ),
         }
         let Some(response) = review.response.as_ref() else {
             panic!("mutate answered without a response");
