@@ -68,7 +68,7 @@ fn cold(junk: &mut [u8], mut f: impl FnMut() -> Res<()>) -> Res<f64> {
     Ok(times[times.len() / 2])
 }
 
-/// An `Admission` whose index holds a profile for every container of `object`.
+/// An `Admission` on `index` with `cache` and the default policy (enforce).
 fn admission(index: &Arc<SharedIndex>, cache: DecisionCache) -> Res<Admission> {
     Ok(Admission {
         policy: Policy::from_yaml("{}")?,
@@ -78,6 +78,8 @@ fn admission(index: &Arc<SharedIndex>, cache: DecisionCache) -> Res<Admission> {
     })
 }
 
+/// An index with a profile for every container and init container of the
+/// Pod `object` in `namespace`, so that `/mutate` answers with a patch.
 fn index_for(object: &str, namespace: &str) -> Res<Index> {
     let pod: PodView<'_> = serde_json::from_str(object)?;
     let spec = pod.spec.as_ref().ok_or("the Pod has no spec")?;
