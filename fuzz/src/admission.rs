@@ -112,37 +112,31 @@ fn admissions() -> &'static [(Admission, Admission)] {
 /// Runs `data` through every admission configuration.
 pub fn fuzz_one(data: &[u8]) {
     for (adm, uncached) in admissions() {
-        if let Ok(review) = adm.validate(data) {
-            assert!(review.response.is_some(), "validate answered without a response");
-            if let Err(e) = webhook::wire::to_vec(&review) {
-                panic!("validate's answer does not serialize: {e}");
-            }
+        if let Ok(answer) = adm.validate(data)
+            && let Err(e) = webhook::wire::patch_of(&answer)
+        {
+            panic!("validate's answer does not read back: {e}");
         }
         let answer = adm.mutate(data);
         let fresh = uncached.mutate(data);
-        let Ok(review) = answer else {
+        let Ok(bytes) = answer else {
             assert!(fresh.is_err(), "mutate failed with its cache and answered without");
             continue;
         };
-        let bytes = match webhook::wire::to_vec(&review) {
-            Ok(b) => b,
-            Err(e) => panic!("mutate's answer does not serialize: {e}"),
-        };
-        match fresh.map(|f| webhook::wire::to_vec(&f)) {
-            Ok(Ok(fresh)) if fresh == bytes => {}
+        match &fresh {
+            Ok(fresh) if *fresh == bytes => {}
             other => panic!(
                 "the decision cache changed the answer:\n cached {}\n fresh {:?}",
                 String::from_utf8_lossy(&bytes),
-                other.map(|r| r.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                other.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())
             ),
         }
-        let Some(response) = review.response.as_ref() else {
-            panic!("mutate answered without a response");
+        let patch = match webhook::wire::patch_of(&bytes) {
+            Ok(Some(patch)) => patch,
+            Ok(None) => continue,
+            Err(e) => panic!("mutate's answer does not read back: {e}"),
         };
-        let Some(patch) = response.patch.as_deref() else {
-            continue;
-        };
-        let patch: json_patch::Patch = match serde_json::from_slice(patch) {
+        let patch: json_patch::Patch = match serde_json::from_slice(&patch) {
             Ok(p) => p,
             Err(e) => panic!("the patch is not a JSON patch: {e}"),
         };
@@ -163,16 +157,13 @@ pub fn fuzz_one(data: &[u8]) {
             Ok(b) => b,
             Err(e) => panic!("the patched review does not serialize: {e}"),
         };
-        match adm.mutate(&again) {
-            Ok(second) => {
-                let second = second.response.and_then(|r| r.patch);
-                if let Some(p) = second {
-                    panic!(
-                        "mutate is not idempotent: second patch {}\nfirst patch {patch:?}",
-                        String::from_utf8_lossy(&p)
-                    );
-                }
-            }
+        match adm.mutate(&again).map(|second| webhook::wire::patch_of(&second)) {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(p))) => panic!(
+                "mutate is not idempotent: second patch {}\nfirst patch {patch:?}",
+                String::from_utf8_lossy(&p)
+            ),
+            Ok(Err(e)) => panic!("mutate's second answer does not read back: {e}"),
             Err(e) => panic!("mutate refuses its own output: {e}"),
         }
     }

@@ -28,6 +28,8 @@ use crate::index::Index;
 use crate::metrics::Outcome;
 use crate::policy::NamespaceView;
 use crate::slim::PodView;
+use crate::wire::Template;
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, Weak};
@@ -47,18 +49,17 @@ pub const MAX_KEY_BYTES: usize = 64 << 10;
 pub struct Computed {
     /// The decision (the caller counts and logs exemptions and fallbacks from it).
     pub decision: Decision,
-    /// The JSON patch, serialized; `None` when nothing changes.
-    pub patch: Option<Vec<u8>>,
-    /// The answer's warnings.
-    pub warnings: Vec<String>,
-    /// The answer's audit annotations.
-    pub audit: Vec<(String, String)>,
+    /// The answer (patch, audit annotations, warnings), written but for the uid.
+    pub answer: Template,
     /// The outcome (metric label and log field).
     pub outcome: Outcome,
     /// The workload, for the log line.
     pub workload: String,
-    /// The type of each profile set, for the injections metric.
-    pub injections: Vec<&'static str>,
+    /// The requests counter of this outcome, looked up once: a label set is
+    /// hashed and looked up under a lock on every `get_or_create`.
+    pub counted: Counter,
+    /// The injections counter of each profile set, looked up once.
+    pub injections: Vec<Counter>,
 }
 
 /// A kept result and the inputs it was computed from.
@@ -236,11 +237,10 @@ mod tests {
                 exemption: crate::decide::Exemption::None,
                 warnings: Vec::new(),
             },
-            patch: None,
-            warnings: Vec::new(),
-            audit: Vec::new(),
+            answer: Template::new(&kube::core::admission::AdmissionResponse::invalid("test")).unwrap(),
             outcome,
             workload: "-".into(),
+            counted: Counter::default(),
             injections: Vec::new(),
         }
     }

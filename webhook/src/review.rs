@@ -8,7 +8,8 @@ use crate::index::{Index, SharedIndex};
 use crate::metrics::{Endpoint, ExemptionLabels, InjectionLabels, Metrics, Outcome, RequestLabels};
 use crate::patch::{describe, mutation_patch};
 use crate::policy::{Mode, NamespaceView, Policy};
-use crate::slim::{self, PodView};
+use crate::slim::{self, Head, PodView};
+use crate::wire::Template;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde::de::IgnoredAny;
@@ -39,16 +40,15 @@ pub struct Admission {
 enum Parsed<'a> {
     /// A Pod CREATE: what tether acts on (the request without its object, and
     /// the Pod read from the body).
-    PodCreate(Box<AdmissionRequest<DynamicObject>>, Option<PodView<'a>>),
+    PodCreate(Head<'a>, Option<PodView<'a>>),
     /// Anything else: answered allowed and untouched.
-    Other(Box<AdmissionRequest<DynamicObject>>),
+    Other(Head<'a>),
 }
 
-/// A Pod CREATE, with its namespace and what the policy says of it.
+/// A Pod CREATE and what the policy says of its namespace.
 struct Act<'a> {
-    req: Box<AdmissionRequest<DynamicObject>>,
+    req: Head<'a>,
     pod: PodView<'a>,
-    namespace: String,
     view: NamespaceView,
 }
 
@@ -103,8 +103,8 @@ fn parse(body: &[u8]) -> Result<Parsed<'_>, Unreadable> {
     let request = request.ok_or_else(|| Unreadable("the AdmissionReview has no request".into()))?;
     match request {
         Ok(r) if r.is_pod_create() => {
-            let (req, pod) = r.into_request::<DynamicObject>();
-            Ok(Parsed::PodCreate(Box::new(req), pod))
+            let (req, pod) = r.split();
+            Ok(Parsed::PodCreate(req, pod))
         }
         Err(r) if r.is_pod_create() => Err(Unreadable(format!(
             "the Pod in the request does not parse: {}",
@@ -112,12 +112,12 @@ fn parse(body: &[u8]) -> Result<Parsed<'_>, Unreadable> {
         ))),
         // The objects of requests tether does not act on are not needed (and may
         // be any kind).
-        Ok(r) => Ok(Parsed::Other(Box::new(r.into_request::<DynamicObject>().0))),
-        Err(r) => Ok(Parsed::Other(Box::new(r.into_request::<DynamicObject>().0))),
+        Ok(r) => Ok(Parsed::Other(r.split().0)),
+        Err(r) => Ok(Parsed::Other(r.split().0)),
     }
 }
 
-fn operation_of<T: kube::Resource>(req: &AdmissionRequest<T>) -> &'static str {
+fn operation_of(req: &Head<'_>) -> &'static str {
     match req.operation {
         Operation::Create => "CREATE",
         Operation::Update => "UPDATE",
@@ -147,18 +147,14 @@ impl Admission {
                     self.count(endpoint, "CREATE", None, Outcome::invalid);
                     return Err(Unreadable("the Pod CREATE request has no object".into()));
                 };
-                let namespace = req.namespace.clone().unwrap_or_default();
-                let view = self.policy.namespace(&namespace, None);
-                Ok(Step::Act(Act {
-                    req,
-                    pod,
-                    namespace,
-                    view,
-                }))
+                let view = self.policy.namespace(req.namespace(), None);
+                Ok(Step::Act(Act { req, pod, view }))
             }
             Ok(Parsed::Other(req)) => {
                 self.count(endpoint, operation_of(&req), None, Outcome::allowed);
-                Ok(Step::Done(Box::new(AdmissionResponse::from(&*req).into_review())))
+                Ok(Step::Done(Box::new(
+                    AdmissionResponse::from(&req.to_request::<DynamicObject>()).into_review(),
+                )))
             }
             Err(e) => {
                 self.count(endpoint, "unknown", None, Outcome::invalid);
@@ -167,28 +163,22 @@ impl Admission {
         }
     }
 
-    /// Answers `/mutate`.
-    pub fn mutate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
+    /// Answers `/mutate`: the bytes of the AdmissionReview to send back.
+    pub fn mutate(&self, body: &[u8]) -> Result<Vec<u8>, Unreadable> {
         let _timer = self.metrics.timer(Endpoint::mutate);
         let start = Instant::now();
-        let Act {
-            req,
-            pod,
-            namespace,
-            view,
-        } = match self.pod_create(Endpoint::mutate, body)? {
+        let Act { req, pod, view } = match self.pod_create(Endpoint::mutate, body)? {
             Step::Act(act) => act,
-            Step::Done(review) => return Ok(*review),
+            Step::Done(review) => return to_bytes(&review),
         };
-        let pod = &pod;
-        let mut res = AdmissionResponse::from(&*req);
+        let (pod, namespace) = (&pod, req.namespace());
         if view.mode == Mode::Off {
             self.count(Endpoint::mutate, "CREATE", Some(Mode::Off), Outcome::allowed);
-            return Ok(res.into_review());
+            return to_bytes(&AdmissionResponse::from(&req.to_request::<DynamicObject>()).into_review());
         }
         let index = self.index.get();
-        let (computed, cached) = self.cache.get_or_compute(pod, &namespace, &view, &index, || {
-            self.compute(pod, &namespace, &view, &index)
+        let (computed, cached) = self.cache.get_or_compute(pod, namespace, &view, &index, || {
+            self.compute(&req.to_request(), pod, namespace, &view, &index)
         })?;
         let counter = match cached {
             Cached::Hit => Some(&self.metrics.decision_cache_hits),
@@ -205,35 +195,18 @@ impl Admission {
                 tracing::warn!(container = %c.name, workload = %computed.workload, %reason, profile = ?profile, mode = %view.mode, "workload in fallback");
             }
         }
-        for profile in &computed.injections {
-            self.metrics
-                .injections
-                .get_or_create(&InjectionLabels { profile })
-                .inc();
-        }
-        res.audit_annotations
-            .extend(computed.audit.iter().map(|(k, v)| (k.clone(), v.clone())));
-        if let Some(patch) = &computed.patch {
-            // kube-core sets the patch type only in `with_patch`, which
-            // serializes the patch it is given: given an empty one, then the
-            // bytes serialized once for the template.
-            res = res
-                .with_patch(json_patch::Patch(Vec::new()))
-                .map_err(|e| Unreadable(format!("cannot serialize the patch: {e}")))?;
-            res.patch = Some(patch.clone());
-        }
-        if !computed.warnings.is_empty() {
-            res.warnings = Some(computed.warnings.clone());
+        for injected in &computed.injections {
+            injected.inc();
         }
         let outcome = computed.outcome;
-        self.count(Endpoint::mutate, "CREATE", Some(view.mode), outcome);
+        computed.counted.inc();
         // Fields as `&str`: a JSON log records them as strings directly, where
         // `%`/`?` values go through `fmt` and an escaping adapter (a tenth of the
         // server's CPU per admission was this line).
         tracing::info!(
             endpoint = "mutate",
             uid = req.uid.as_str(),
-            namespace = namespace.as_str(),
+            namespace,
             workload = computed.workload.as_str(),
             mode = view.mode.as_str(),
             decision = outcome.as_str(),
@@ -241,14 +214,17 @@ impl Admission {
             duration_us = start.elapsed().as_micros() as u64,
             "admission"
         );
-        Ok(res.into_review())
+        Ok(computed.answer.answer(&req.uid))
     }
 
     /// What `/mutate` answers for `pod` in `namespace` (enforce or dry-run),
     /// before anything particular to the request: a function of its arguments
     /// and the policy's `on_missing` only, which [`DecisionCache`] relies on.
+    /// Of `req` it uses only what every request has alike (its `types`); the
+    /// answer is kept without the uid, which [`Template::answer`] adds.
     fn compute(
         &self,
+        req: &AdmissionRequest<DynamicObject>,
         pod: &PodView<'_>,
         namespace: &str,
         view: &NamespaceView,
@@ -258,7 +234,7 @@ impl Admission {
         let mut warnings = decision.warnings.clone();
         let mut audit_annotations = Vec::new();
         let mut patch = None;
-        let mut injections = Vec::new();
+        let mut injections: Vec<&'static str> = Vec::new();
         let outcome = match view.mode {
             Mode::Enforce => {
                 let (ops, more) = mutation_patch(pod, &decision);
@@ -287,36 +263,64 @@ impl Admission {
                 }
             }
         };
+        let mut res = AdmissionResponse::from(req);
+        res.audit_annotations.extend(audit_annotations);
+        if let Some(patch) = patch {
+            // kube-core sets the patch type only in `with_patch`, which
+            // serializes the patch it is given: given an empty one, then the
+            // bytes serialized above.
+            res = res
+                .with_patch(json_patch::Patch(Vec::new()))
+                .map_err(|e| Unreadable(format!("cannot serialize the patch: {e}")))?;
+            res.patch = Some(patch);
+        }
+        if !warnings.is_empty() {
+            res.warnings = Some(warnings);
+        }
+        let answer = Template::new(&res).map_err(|e| Unreadable(format!("cannot serialize the answer: {e}")))?;
+        let counted = self
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint: Endpoint::mutate,
+                operation: "CREATE",
+                mode: view.mode.as_str(),
+                decision: outcome,
+            })
+            .clone();
+        let injections = injections
+            .into_iter()
+            .map(|profile| {
+                self.metrics
+                    .injections
+                    .get_or_create(&InjectionLabels { profile })
+                    .clone()
+            })
+            .collect();
         Ok(Computed {
             workload: workload(&decision),
             decision,
-            patch,
-            warnings,
-            audit: audit_annotations,
+            answer,
             outcome,
+            counted,
             injections,
         })
     }
 
-    /// Answers `/validate`.
-    pub fn validate(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, Unreadable> {
+    /// Answers `/validate`: the bytes of the AdmissionReview to send back.
+    pub fn validate(&self, body: &[u8]) -> Result<Vec<u8>, Unreadable> {
         let _timer = self.metrics.timer(Endpoint::validate);
         let start = Instant::now();
-        let Act {
-            req,
-            pod,
-            namespace,
-            view,
-        } = match self.pod_create(Endpoint::validate, body)? {
+        let Act { req, pod, view } = match self.pod_create(Endpoint::validate, body)? {
             Step::Act(act) => act,
-            Step::Done(review) => return Ok(*review),
+            Step::Done(review) => return to_bytes(&review),
         };
-        let pod = &pod;
-        let mut res = AdmissionResponse::from(&*req);
+        let (pod, namespace) = (&pod, req.namespace());
+        let mut res = AdmissionResponse::from(&req.to_request::<DynamicObject>());
         let problems = if view.mode == Mode::Off {
             Vec::new()
         } else {
-            validate(pod, &namespace, &view, &*self.index.get())
+            validate(pod, namespace, &view, &*self.index.get())
         };
         let outcome = match (view.mode, problems.is_empty()) {
             (_, true) => Outcome::allowed,
@@ -340,14 +344,14 @@ impl Admission {
         tracing::info!(
             endpoint = "validate",
             uid = req.uid.as_str(),
-            namespace = namespace.as_str(),
+            namespace,
             mode = view.mode.as_str(),
             decision = outcome.as_str(),
             problems = problems.len(),
             duration_us = start.elapsed().as_micros() as u64,
             "admission"
         );
-        Ok(res.into_review())
+        to_bytes(&res.into_review())
     }
 
     fn count_exemption(&self, d: &Decision) {
@@ -364,6 +368,11 @@ impl Admission {
         };
         self.metrics.exemptions.get_or_create(&ExemptionLabels { result }).inc();
     }
+}
+
+/// The bytes of `review` (written as [`crate::wire::to_vec`] writes them).
+fn to_bytes(review: &AdmissionReview<DynamicObject>) -> Result<Vec<u8>, Unreadable> {
+    crate::wire::to_vec(review).map_err(|e| Unreadable(format!("cannot serialize the answer: {e}")))
 }
 
 /// The injections metric's label for a profile set.

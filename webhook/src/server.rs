@@ -32,16 +32,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// bodies are bounded by the per-request timeout instead (see [`guard`]).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn answer(result: Result<kube::core::admission::AdmissionReview<kube::core::DynamicObject>, Unreadable>) -> Response {
+fn answer(result: Result<Vec<u8>, Unreadable>) -> Response {
     match result {
-        Ok(review) => match crate::wire::to_vec(&review) {
-            Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-            Err(e) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot serialize the response: {e}"),
-            )
-                .into_response(),
-        },
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
         Err(Unreadable(reason)) => (StatusCode::BAD_REQUEST, reason).into_response(),
     }
 }

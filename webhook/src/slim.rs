@@ -26,27 +26,60 @@ pub(crate) struct Envelope<'a, O> {
     pub api_version: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     pub kind: Option<Cow<'a, str>>,
-    pub request: Option<Request<O>>,
+    #[serde(borrow)]
+    pub request: Option<Request<'a, O>>,
 }
 
-/// The request's fields, as kube-core's `AdmissionRequest` reads them.
+/// The request's fields, as kube-core's `AdmissionRequest` reads them, its
+/// strings borrowed from the body: a cached answer needs only the uid and the
+/// namespace, and copying every field into kube-core's request for each pod
+/// was a dozen allocations. [`Request::to_request`] builds that request where
+/// an answer is made from it.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
-pub(crate) struct Request<O> {
-    uid: String,
-    kind: GroupVersionKind,
-    resource: GroupVersionResource,
+#[serde(rename_all = "camelCase", bound(deserialize = "'de: 'a, O: Deserialize<'de>"))]
+pub(crate) struct Request<'a, O> {
+    #[serde(borrow)]
+    pub uid: Str<'a>,
+    #[serde(borrow)]
+    kind: Gvk<'a>,
+    #[serde(borrow)]
+    resource: Gvr<'a>,
+    #[serde(default, borrow)]
+    sub_resource: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    name: Str<'a>,
+    #[serde(default, borrow)]
+    namespace: Option<Str<'a>>,
+    pub operation: Operation,
     #[serde(default)]
-    sub_resource: Option<String>,
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    operation: Operation,
-    #[serde(default)]
-    dry_run: bool,
+    pub dry_run: bool,
     #[serde(default = "no_object", deserialize_with = "map_only")]
     object: Option<O>,
+}
+
+/// A request without its object (taken out by [`Request::split`]).
+pub(crate) type Head<'a> = Request<'a, ()>;
+
+/// kube-core's `GroupVersionKind`, borrowed.
+#[derive(Deserialize)]
+struct Gvk<'a> {
+    #[serde(borrow)]
+    group: Str<'a>,
+    #[serde(borrow)]
+    version: Str<'a>,
+    #[serde(borrow)]
+    kind: Str<'a>,
+}
+
+/// kube-core's `GroupVersionResource`, borrowed.
+#[derive(Deserialize)]
+struct Gvr<'a> {
+    #[serde(borrow)]
+    group: Str<'a>,
+    #[serde(borrow)]
+    version: Str<'a>,
+    #[serde(borrow)]
+    resource: Str<'a>,
 }
 
 /// A request without an object (DELETE, CONNECT).
@@ -84,42 +117,61 @@ where
     d.deserialize_option(MapOnly(std::marker::PhantomData))
 }
 
-impl<O> Request<O> {
+impl<'a, O> Request<'a, O> {
     /// Whether tether acts on this request: a Pod CREATE that is not a subresource.
     pub fn is_pod_create(&self) -> bool {
         self.kind.group.is_empty()
-            && self.kind.kind == "Pod"
+            && self.kind.kind.as_str() == "Pod"
             && self.operation == Operation::Create
             && self.sub_resource.as_deref().unwrap_or_default().is_empty()
     }
 
-    /// kube-core's request (without its object, which is returned beside it as
-    /// read), so answers start from `AdmissionResponse::from(&request)` and keep
-    /// the uid.
-    pub fn into_request<T: kube::Resource>(self) -> (AdmissionRequest<T>, Option<O>) {
-        let own = self.object;
-        let request = AdmissionRequest {
-            types: TypeMeta {
-                api_version: "admission.k8s.io/v1".into(),
-                kind: "AdmissionReview".into(),
-            },
+    /// The request without its object, and the object as read.
+    pub fn split(self) -> (Head<'a>, Option<O>) {
+        let head = Request {
             uid: self.uid,
             kind: self.kind,
             resource: self.resource,
             sub_resource: self.sub_resource,
-            request_kind: None,
-            request_resource: None,
-            request_sub_resource: None,
             name: self.name,
             namespace: self.namespace,
             operation: self.operation,
+            dry_run: self.dry_run,
+            object: None,
+        };
+        (head, self.object)
+    }
+
+    /// The request's namespace (empty for a cluster-scoped object).
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or_default()
+    }
+
+    /// kube-core's request (without the object), so answers start from
+    /// `AdmissionResponse::from(&request)` and keep the uid.
+    pub fn to_request<T: kube::Resource>(&self) -> AdmissionRequest<T> {
+        let owned = |s: &Str<'_>| s.as_str().to_owned();
+        AdmissionRequest {
+            types: TypeMeta {
+                api_version: "admission.k8s.io/v1".into(),
+                kind: "AdmissionReview".into(),
+            },
+            uid: owned(&self.uid),
+            kind: GroupVersionKind::gvk(&self.kind.group, &self.kind.version, &self.kind.kind),
+            resource: GroupVersionResource::gvr(&self.resource.group, &self.resource.version, &self.resource.resource),
+            sub_resource: self.sub_resource.as_ref().map(owned),
+            request_kind: None,
+            request_resource: None,
+            request_sub_resource: None,
+            name: owned(&self.name),
+            namespace: self.namespace.as_ref().map(owned),
+            operation: self.operation.clone(),
             user_info: Default::default(),
             object: None,
             old_object: None,
             dry_run: self.dry_run,
             options: None,
-        };
-        (request, own)
+        }
     }
 }
 

@@ -75,7 +75,7 @@ fn checkout() -> Vec<(&'static str, Entry)> {
 /// (response, decoded patch or Null).
 fn mutate(a: &Admission, review: &Value) -> (Value, Value) {
     let out = a.mutate(&serde_json::to_vec(review).unwrap()).unwrap();
-    let res = serde_json::to_value(&out).unwrap()["response"].clone();
+    let res = serde_json::from_slice::<Value>(&out).unwrap()["response"].clone();
     let patch = match &res["patch"] {
         // kube-core sends the bytes as a JSON array of numbers, which the API
         // server's Go decoder reads into []byte as it reads base64.
@@ -92,7 +92,8 @@ fn mutate(a: &Admission, review: &Value) -> (Value, Value) {
 }
 
 fn validate(a: &Admission, review: &Value) -> Value {
-    serde_json::to_value(a.validate(&serde_json::to_vec(review).unwrap()).unwrap()).unwrap()["response"].clone()
+    serde_json::from_slice::<Value>(&a.validate(&serde_json::to_vec(review).unwrap()).unwrap()).unwrap()["response"]
+        .clone()
 }
 
 /// Compares with `tests/data/golden/admission/<name>.json`; `TETHER_UPDATE_GOLDEN=1` rewrites it.
@@ -589,7 +590,7 @@ fn unreadable_requests_are_errors_that_say_why() {
 
 /// The answer's bytes as the server sends them.
 fn answer_bytes(a: &Admission, review: &Value) -> Vec<u8> {
-    crate::wire::to_vec(&a.mutate(&serde_json::to_vec(review).unwrap()).unwrap()).unwrap()
+    a.mutate(&serde_json::to_vec(review).unwrap()).unwrap()
 }
 
 fn with_uid(mut r: Value, uid: &str) -> Value {
