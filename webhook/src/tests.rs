@@ -588,6 +588,25 @@ fn unreadable_requests_are_errors_that_say_why() {
     }
 }
 
+/// The requests, injections and exemptions counted, as `/metrics` shows them.
+fn counted(m: &Metrics) -> Vec<String> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &m.registry()).unwrap();
+    let wanted = [
+        "tether_admission_requests_total{",
+        "tether_injections_total{",
+        "tether_exemptions_total{",
+    ];
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| wanted.iter().any(|w| l.starts_with(w)))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    assert!(!lines.is_empty(), "nothing counted:\n{text}");
+    lines
+}
+
 /// The answer's bytes as the server sends them.
 fn answer_bytes(a: &Admission, review: &Value) -> Vec<u8> {
     a.mutate(&serde_json::to_vec(review).unwrap()).unwrap()
@@ -664,6 +683,16 @@ fn cached_answers_are_byte_for_byte_the_fresh_ones() {
         }
         assert_eq!(fresh.metrics.decision_cache_hits.get(), 0);
         assert_eq!(fresh.metrics.decision_cache_misses.get(), 0);
+        // Answers from the cache count in the metrics as computed ones do
+        // (their counters are kept with the cached result).
+        let lines = counted(&cached.metrics);
+        assert_eq!(lines, counted(&fresh.metrics), "{policy}");
+        let requests: u64 = lines
+            .iter()
+            .filter(|l| l.starts_with("tether_admission_requests_total{endpoint=\"mutate\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(requests, 2 * fixtures.len() as u64, "{policy}: {lines:?}");
     }
     // The cases cover patches, not only allowed-untouched answers.
     assert!(patched_answers >= 10, "{patched_answers}");
