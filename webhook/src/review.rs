@@ -11,7 +11,7 @@ use crate::policy::{Mode, NamespaceView, Policy};
 use crate::slim::{self, Head, PodView};
 use crate::wire::Template;
 use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::admission::{AdmissionResponse, AdmissionReview, Operation};
 use serde::de::IgnoredAny;
 use std::sync::Arc;
 use std::time::Instant;
@@ -152,9 +152,7 @@ impl Admission {
             }
             Ok(Parsed::Other(req)) => {
                 self.count(endpoint, operation_of(&req), None, Outcome::allowed);
-                Ok(Step::Done(Box::new(
-                    AdmissionResponse::from(&req.to_request::<DynamicObject>()).into_review(),
-                )))
+                Ok(Step::Done(Box::new(allowed(&req).into_review())))
             }
             Err(e) => {
                 self.count(endpoint, "unknown", None, Outcome::invalid);
@@ -174,11 +172,11 @@ impl Admission {
         let (pod, namespace) = (&pod, req.namespace());
         if view.mode == Mode::Off {
             self.count(Endpoint::mutate, "CREATE", Some(Mode::Off), Outcome::allowed);
-            return to_bytes(&AdmissionResponse::from(&req.to_request::<DynamicObject>()).into_review());
+            return to_bytes(&allowed(&req).into_review());
         }
         let index = self.index.get();
         let (computed, cached) = self.cache.get_or_compute(pod, namespace, &view, &index, || {
-            self.compute(&req.to_request(), pod, namespace, &view, &index)
+            self.compute(allowed(&req), pod, namespace, &view, &index)
         })?;
         let counter = match cached {
             Cached::Hit => Some(&self.metrics.decision_cache_hits),
@@ -220,11 +218,11 @@ impl Admission {
     /// What `/mutate` answers for `pod` in `namespace` (enforce or dry-run),
     /// before anything particular to the request: a function of its arguments
     /// and the policy's `on_missing` only, which [`DecisionCache`] relies on.
-    /// Of `req` it uses only what every request has alike (its `types`); the
-    /// answer is kept without the uid, which [`Template::answer`] adds.
+    /// It builds on `res`, the request's [`allowed`] answer, of which the
+    /// template keeps all but the uid (which [`Template::answer`] adds).
     fn compute(
         &self,
-        req: &AdmissionRequest<DynamicObject>,
+        mut res: AdmissionResponse,
         pod: &PodView<'_>,
         namespace: &str,
         view: &NamespaceView,
@@ -263,7 +261,6 @@ impl Admission {
                 }
             }
         };
-        let mut res = AdmissionResponse::from(req);
         res.audit_annotations.extend(audit_annotations);
         if let Some(patch) = patch {
             // kube-core sets the patch type only in `with_patch`, which
@@ -316,7 +313,7 @@ impl Admission {
             Step::Done(review) => return to_bytes(&review),
         };
         let (pod, namespace) = (&pod, req.namespace());
-        let mut res = AdmissionResponse::from(&req.to_request::<DynamicObject>());
+        let mut res = allowed(&req);
         let problems = if view.mode == Mode::Off {
             Vec::new()
         } else {
@@ -368,6 +365,12 @@ impl Admission {
         };
         self.metrics.exemptions.get_or_create(&ExemptionLabels { result }).inc();
     }
+}
+
+/// The answer to `req` that allows it untouched, the start of every answer not
+/// taken from the decision cache (`AdmissionResponse::from`, so the uid is kept).
+fn allowed(req: &Head<'_>) -> AdmissionResponse {
+    AdmissionResponse::from(&req.to_request::<DynamicObject>())
 }
 
 /// The bytes of `review` (written as [`crate::wire::to_vec`] writes them).

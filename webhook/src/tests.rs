@@ -5,7 +5,6 @@ use crate::index::{Entry, Index, SharedIndex};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, names};
 use crate::review::Admission;
-use base64::Engine;
 use profile_store::{Version, WorkloadKey};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -76,17 +75,9 @@ fn checkout() -> Vec<(&'static str, Entry)> {
 fn mutate(a: &Admission, review: &Value) -> (Value, Value) {
     let out = a.mutate(&serde_json::to_vec(review).unwrap()).unwrap();
     let res = serde_json::from_slice::<Value>(&out).unwrap()["response"].clone();
-    let patch = match &res["patch"] {
-        // kube-core sends the bytes as a JSON array of numbers, which the API
-        // server's Go decoder reads into []byte as it reads base64.
-        Value::Array(bytes) => {
-            let bytes: Vec<u8> = bytes.iter().map(|b| b.as_u64().unwrap() as u8).collect();
-            serde_json::from_slice(&bytes).unwrap()
-        }
-        Value::String(b64) => {
-            serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
-        }
-        _ => Value::Null,
+    let patch = match crate::wire::patch_of(&out).unwrap() {
+        Some(bytes) => serde_json::from_slice(&bytes).unwrap(),
+        None => Value::Null,
     };
     (res, patch)
 }

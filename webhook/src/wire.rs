@@ -87,9 +87,8 @@ impl Template {
         let uid_at = bytes.len();
         // The other fields as a map of their own, whose opening brace becomes
         // the comma after the uid; then the review's closing brace.
-        let rest = bytes.len();
         serde_json::to_writer(&mut bytes, &Rest(response))?;
-        bytes[rest] = b',';
+        bytes[uid_at] = b',';
         bytes.push(b'}');
         Ok(Template { bytes, uid_at })
     }
