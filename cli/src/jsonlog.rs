@@ -10,10 +10,14 @@
 //! (the line then lists spans, which need the subscriber's span store) are
 //! formatted by tracing-subscriber's own `Json` format; tether's admission path
 //! has no spans. `tests` checks both kinds of event line for line against it.
+//!
+//! [`SecondCachedTime`] writes the `timestamp` as tracing-subscriber's
+//! `SystemTime` does, formatting the date and time of day once per second.
 
 use serde::ser::{SerializeMap, Serializer as _};
 use std::cell::RefCell;
 use std::fmt;
+use std::time::{Duration, UNIX_EPOCH};
 use tracing::{Event, Subscriber};
 use tracing_serde::AsSerde;
 use tracing_serde::fields::AsMap;
@@ -104,6 +108,73 @@ impl<T: FormatTime> FastJson<T> {
         out.push(b'\n');
         Ok(())
     }
+}
+
+/// tracing-subscriber's `SystemTime` timestamps (RFC 3339 in UTC with
+/// microseconds: `2026-12-06T15:46:52.740506Z`), the part up to the second
+/// formatted by it once per second per thread and reused: its date and
+/// time-of-day formatting (`fmt` of seven numbers) was a quarter of the
+/// admission line's cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SecondCachedTime;
+
+thread_local! {
+    /// The second (since the epoch) of the prefix, and the prefix:
+    /// `2026-12-06T15:46:52.`
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+impl FormatTime for SecondCachedTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        let Ok(now) = std::time::SystemTime::now().duration_since(UNIX_EPOCH) else {
+            // Before 1970: as tracing-subscriber writes it.
+            return tracing_subscriber::fmt::time::SystemTime.format_time(w);
+        };
+        let cached = SECOND.try_with(|second| {
+            let mut second = second.try_borrow_mut().ok()?;
+            if second.0 != now.as_secs() {
+                second.1 = prefix_of(now.as_secs())?;
+                second.0 = now.as_secs();
+            }
+            Some(write_at(w, &second.1, now))
+        });
+        match cached {
+            Ok(Some(written)) => written,
+            _ => tracing_subscriber::fmt::time::SystemTime.format_time(w),
+        }
+    }
+}
+
+/// tracing-subscriber's timestamp of a moment in second `secs`, up to and with
+/// the decimal point: formatted by it at a moment known to lie in that second,
+/// `None` when the clock is no longer in it.
+fn prefix_of(secs: u64) -> Option<String> {
+    let mut text = String::new();
+    tracing_subscriber::fmt::time::SystemTime
+        .format_time(&mut Writer::new(&mut text))
+        .ok()?;
+    let after = std::time::SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    // The formatted moment lies between `secs` and `after`: in that second
+    // when `after` still is. Its text ends in `.uuuuuuZ`.
+    if after.as_secs() != secs || !text.ends_with('Z') || text.len() < 8 {
+        return None;
+    }
+    text.truncate(text.len() - 7);
+    text.ends_with('.').then_some(text)
+}
+
+/// `prefix`, then the microseconds of `now` in six digits, then `Z`.
+fn write_at(w: &mut Writer<'_>, prefix: &str, now: Duration) -> fmt::Result {
+    let mut micros = now.subsec_micros();
+    let mut digits = [b'0'; 7];
+    digits[6] = b'Z';
+    for d in digits[..6].iter_mut().rev() {
+        *d = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    w.write_str(prefix)?;
+    // ASCII digits and `Z`.
+    w.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
 }
 
 #[cfg(test)]
@@ -201,5 +272,53 @@ mod tests {
         let last = LINE.with(|l| String::from_utf8(l.borrow().0.clone()).unwrap());
         assert!(last.contains(r#""message":"explicit root outside spans""#), "{last:?}");
         assert!(ours.ends_with(&last));
+    }
+
+    /// The timestamp at a moment as tracing-subscriber's formatter writes it,
+    /// read from `SystemTime` before and after: `(before, after)`.
+    fn theirs_around(ours: &mut String) -> (String, String) {
+        let mut before = String::new();
+        tracing_subscriber::fmt::time::SystemTime
+            .format_time(&mut Writer::new(&mut before))
+            .unwrap();
+        ours.clear();
+        SecondCachedTime.format_time(&mut Writer::new(ours)).unwrap();
+        let mut after = String::new();
+        tracing_subscriber::fmt::time::SystemTime
+            .format_time(&mut Writer::new(&mut after))
+            .unwrap();
+        (before, after)
+    }
+
+    #[test]
+    fn timestamps_are_tracing_subscribers_own_across_seconds() {
+        let mut ours = String::new();
+        let mut seconds = std::collections::BTreeSet::new();
+        let start = std::time::Instant::now();
+        // Until three different seconds were seen (two second changes), each
+        // timestamp in the same second as the formatter's around it.
+        while seconds.len() < 3 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            let (before, after) = theirs_around(&mut ours);
+            assert_eq!(ours.len(), before.len(), "{ours} vs {before}");
+            assert!(before <= ours && ours <= after, "{before} <= {ours} <= {after}");
+            // The second, as `2026-12-06T15:46:52.`, reused or not.
+            seconds.insert(ours[..ours.len() - 7].to_owned());
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    }
+
+    #[test]
+    fn microseconds_are_six_digits_then_z() {
+        for (nanos, want) in [
+            (0, "x.000000Z"),
+            (1_000, "x.000001Z"),
+            (999_999_999, "x.999999Z"),
+            (120_450_000, "x.120450Z"),
+        ] {
+            let mut out = String::new();
+            write_at(&mut Writer::new(&mut out), "x.", Duration::new(5, nanos)).unwrap();
+            assert_eq!(out, want);
+        }
     }
 }

@@ -211,7 +211,7 @@ fn init_logging(level: &str, format: &str) {
     if format == "json" {
         builder
             .json()
-            .event_format(jsonlog::FastJson::new(tracing_subscriber::fmt::time::SystemTime))
+            .event_format(jsonlog::FastJson::new(jsonlog::SecondCachedTime))
             .init();
     } else {
         builder.init();

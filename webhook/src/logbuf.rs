@@ -1,26 +1,37 @@
 //! Log lines of the connection threads, written a batch at a time.
 //!
-//! `tether serve` writes one JSON line per admission. Written one by one, that
-//! is a `write(2)` per admission on a descriptor every thread shares (and the
-//! lock around it): under load a fifth of the server's CPU per admission. A
-//! connection thread instead collects its lines and writes them when it runs out
-//! of work (its runtime's park hook, [`flush`]), or when the batch would pass
-//! [`BATCH_LIMIT`]. A line therefore waits at most until its thread goes idle,
-//! which for an admission is right after its answer is written, and lines stay
-//! whole: each `write` carries complete lines only.
+//! `tether serve` writes one JSON line per admission. Each `write(2)` of a log
+//! line costs several microseconds on a virtual machine (the syscall, the file
+//! system, the page cache), more than formatting the line: written one by one
+//! the lines were a fifth of the server's CPU per admission, and written each
+//! time a connection thread ran out of work (about every 5 admissions under
+//! load) still ~1 µs per admission. A connection thread instead collects its
+//! lines and writes them when the batch would pass [`BATCH_LIMIT`], or at the
+//! latest [`MAX_DELAY`] after the batch's first line ([`BatchGuard::writer`],
+//! a task on the thread's runtime), and when batching ends. Lines stay whole:
+//! each `write` carries complete lines only.
 //!
 //! What it gives up: the lines a thread holds when the process dies without
-//! unwinding (SIGKILL, abort) are lost, at most [`BATCH_LIMIT`] bytes per
-//! connection thread. Threads that do not opt in ([`batch_this_thread`]) write
-//! each line at once, as before.
+//! unwinding (SIGKILL, abort) are lost: at most [`MAX_DELAY`] of them, and at
+//! most [`BATCH_LIMIT`] bytes, per connection thread. Threads that do not opt in
+//! ([`batch_this_thread`]) write each line at once, as before.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
 
-/// The most a batch holds before it is written. `PIPE_BUF` on Linux: a write of
-/// at most this many bytes to a pipe (a container's stdout/stderr) is atomic, so
-/// batches of different threads never interleave inside a line.
-pub const BATCH_LIMIT: usize = 4096;
+/// The most a batch holds before it is written. Larger than `PIPE_BUF` (4 KiB),
+/// the size up to which the kernel keeps a pipe write whole against other
+/// writers: the sink must keep its writers apart itself, as std's `Stderr` does
+/// (its lock is held for a whole `write_all`, so batches of different threads
+/// never interleave, on a pipe or a file).
+pub const BATCH_LIMIT: usize = 16 * 1024;
+
+/// The longest a line waits in its thread's batch (see [`BatchGuard::writer`]).
+pub const MAX_DELAY: Duration = Duration::from_millis(50);
 
 /// Where a thread's batch goes.
 type Sink = Box<dyn Write>;
@@ -28,6 +39,8 @@ type Sink = Box<dyn Write>;
 struct Batch {
     pending: Vec<u8>,
     sink: Sink,
+    /// Told when a line goes into an empty batch: starts [`BatchGuard::writer`]'s wait.
+    started: Arc<Notify>,
 }
 
 impl Batch {
@@ -46,9 +59,12 @@ thread_local! {
 }
 
 /// Makes this thread's log lines ([`LogWriter`]) go to `sink` in batches until
-/// the returned guard is dropped, which writes what is left.
+/// the returned guard is dropped, which writes what is left. Without the
+/// guard's [`writer`](BatchGuard::writer) running, a batch is written only when
+/// full or when batching ends.
 #[must_use = "batching stops, and the lines held are written, when the guard is dropped"]
 pub fn batch_this_thread(sink: Sink) -> BatchGuard {
+    let started = Arc::new(Notify::new());
     BATCH.with(|b| {
         let mut b = b.borrow_mut();
         if let Some(old) = b.as_mut() {
@@ -57,9 +73,11 @@ pub fn batch_this_thread(sink: Sink) -> BatchGuard {
         *b = Some(Batch {
             pending: Vec::with_capacity(BATCH_LIMIT),
             sink,
+            started: started.clone(),
         });
     });
     BatchGuard {
+        started,
         _not_send: std::marker::PhantomData,
     }
 }
@@ -67,8 +85,31 @@ pub fn batch_this_thread(sink: Sink) -> BatchGuard {
 /// Ends batching on its thread when dropped, writing the lines held.
 #[derive(Debug)]
 pub struct BatchGuard {
+    started: Arc<Notify>,
     // The batch lives in a thread-local: the guard must be dropped on its thread.
     _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl BatchGuard {
+    /// The task that writes the batch [`MAX_DELAY`] after its first line: a
+    /// line goes out when its batch fills or at most that long after it was
+    /// logged. It never ends; it must run on the batching thread (a task of that
+    /// thread's current-thread runtime), since it writes the batch of the thread
+    /// it runs on. It sleeps while the batch is empty, so an idle thread is not
+    /// woken for it.
+    pub fn writer(&self) -> impl Future<Output = ()> + Send + 'static {
+        let started = self.started.clone();
+        async move {
+            loop {
+                // A line that arrives while this sleeps leaves a permit, so the
+                // next wait ends at once: every line is written within MAX_DELAY
+                // of going into the batch.
+                started.notified().await;
+                tokio::time::sleep(MAX_DELAY).await;
+                flush();
+            }
+        }
+    }
 }
 
 impl Drop for BatchGuard {
@@ -81,8 +122,7 @@ impl Drop for BatchGuard {
     }
 }
 
-/// Writes the lines this thread holds, if it batches. Cheap when there are none:
-/// called each time a connection thread's runtime parks.
+/// Writes the lines this thread holds, if it batches. Cheap when there are none.
 pub fn flush() {
     let _ = BATCH.try_with(|b| {
         if let Ok(mut b) = b.try_borrow_mut()
@@ -123,6 +163,9 @@ impl Write for LogWriter {
                     // Longer than a batch: on its own, at once.
                     let _ = batch.sink.write_all(line);
                 } else {
+                    if batch.pending.is_empty() {
+                        batch.started.notify_one();
+                    }
                     batch.pending.extend_from_slice(line);
                 }
                 true
@@ -180,21 +223,44 @@ mod tests {
 
     // Each test sets up and tears down its own batch with a guard, so the
     // thread-local is left as found even if the test panics.
-    #[test]
-    fn lines_wait_for_the_park_flush_and_go_out_in_one_write_in_order() {
+    /// Waits (up to 10 s) until `sink` has had `n` writes; how long that took.
+    async fn writes_after(sink: &Writes, n: usize) -> std::time::Duration {
+        let start = std::time::Instant::now();
+        while sink.taken().len() < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no write after 10 s: {:?}",
+                sink.taken()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        start.elapsed()
+    }
+
+    #[tokio::test]
+    async fn lines_go_out_together_in_order_within_the_delay_of_the_first() {
         let sink = Writes::default();
-        let _guard = batch_this_thread(Box::new(sink.clone()));
+        let guard = batch_this_thread(Box::new(sink.clone()));
+        tokio::spawn(guard.writer());
         for n in 0..3 {
             LogWriter.write_all(&line(n, 100)).unwrap();
         }
-        assert!(sink.taken().is_empty(), "written before the thread went idle");
-        flush();
+        assert!(sink.taken().is_empty(), "written before the delay");
+        let waited = writes_after(&sink, 1).await;
+        assert!(waited >= MAX_DELAY, "written after {waited:?}, before the delay");
         let writes = sink.taken();
         assert_eq!(writes.len(), 1, "{writes:?}");
         let expected: Vec<u8> = (0..3).flat_map(|n| line(n, 100)).collect();
         assert_eq!(writes[0].as_bytes(), expected);
-        flush();
-        assert_eq!(sink.taken().len(), 1, "an empty batch was written");
+        // The writer goes on: a later line is written by itself, as late.
+        LogWriter.write_all(&line(3, 100)).unwrap();
+        let waited = writes_after(&sink, 2).await;
+        assert!(waited >= MAX_DELAY, "written after {waited:?}, before the delay");
+        assert_eq!(sink.taken()[1].as_bytes(), line(3, 100));
+        // Nothing held, nothing written.
+        tokio::time::sleep(MAX_DELAY * 3).await;
+        assert_eq!(sink.taken().len(), 2);
+        drop(guard);
     }
 
     #[test]

@@ -314,14 +314,10 @@ impl ConnectionThread {
     /// them: gracefully (HTTP/2 GOAWAY, HTTP/1.1 close after the response in
     /// flight) until every one has ended or `closed` is set.
     fn run(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, std::net::SocketAddr)>) {
-        // This thread's log lines (one per admission) go out a batch at a time,
-        // each time the runtime runs out of work (see `logbuf`).
-        let _log_batch = crate::logbuf::batch_this_thread(Box::new(std::io::stderr()));
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .on_thread_park(crate::logbuf::flush)
-            .build()
-        {
+        // This thread's log lines (one per admission) go out a batch at a time
+        // (see `logbuf`); the batch's writer task runs on this thread's runtime.
+        let log_batch = crate::logbuf::batch_this_thread(Box::new(std::io::stderr()));
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start a connection thread's runtime");
@@ -333,7 +329,9 @@ impl ConnectionThread {
             app,
             mut closed,
         } = self;
+        let log_writer = log_batch.writer();
         runtime.block_on(async move {
+            tokio::spawn(log_writer);
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             builder
