@@ -22,6 +22,14 @@
 //! first (no eviction order to get wrong; a template that comes back is
 //! computed once more). A pod whose view weighs more than [`MAX_KEY_BYTES`] is
 //! never kept.
+//!
+//! The key is hashed with foldhash, seeded at random per cache: SipHash (std's
+//! `RandomState`) over the view's ~60 small fields was ~0.3 µs of each
+//! admission under load. foldhash is only "minimally" resistant to crafted
+//! collisions, and pod authors choose most of the key, so the cache does not
+//! rely on it: at most [`MAX_PER_HASH`] results share a hash (more are
+//! computed each time, not kept), which bounds what a lookup compares whatever
+//! collisions a pod author finds.
 
 use crate::decide::Decision;
 use crate::index::Index;
@@ -31,7 +39,7 @@ use crate::slim::PodView;
 use crate::wire::Template;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, Weak};
 
 /// Entries kept by default (`tether serve --decision-cache-entries`).
@@ -42,6 +50,10 @@ pub const MAX_BYTES: usize = 8 << 20;
 
 /// The heaviest pod view kept (annotations may hold up to 256 KiB).
 pub const MAX_KEY_BYTES: usize = 64 << 10;
+
+/// The most results kept under one hash: a lookup compares at most this many
+/// keys in full.
+pub const MAX_PER_HASH: usize = 4;
 
 /// What `/mutate` computes for a pod in enforce or dry-run mode, apart from
 /// what is particular to the request (its uid).
@@ -78,7 +90,7 @@ struct Slots {
     /// be taken for it.
     index: Option<Weak<Index>>,
     /// By hash of the inputs; a bucket holds more than one slot only on a
-    /// hash collision.
+    /// hash collision, and at most [`MAX_PER_HASH`].
     by_hash: HashMap<u64, Vec<Slot>>,
     len: usize,
     bytes: usize,
@@ -99,14 +111,15 @@ impl Slots {
     }
 }
 
-/// The cache (one per [`crate::review::Admission`], shared by its threads).
-pub struct DecisionCache {
+/// The cache (one per [`crate::review::Admission`], shared by its threads);
+/// `S` hashes the inputs (tests give one that collides).
+pub struct DecisionCache<S = foldhash::fast::RandomState> {
     capacity: usize,
-    hasher: RandomState,
+    hasher: S,
     slots: Mutex<Slots>,
 }
 
-impl std::fmt::Debug for DecisionCache {
+impl<S: BuildHasher> std::fmt::Debug for DecisionCache<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DecisionCache")
             .field("capacity", &self.capacity)
@@ -147,9 +160,16 @@ impl Slot {
 impl DecisionCache {
     /// A cache of at most `capacity` results; 0 turns it off.
     pub fn new(capacity: usize) -> DecisionCache {
+        DecisionCache::with_hasher(capacity, foldhash::fast::RandomState::default())
+    }
+}
+
+impl<S: BuildHasher> DecisionCache<S> {
+    /// A cache of at most `capacity` results, its inputs hashed by `hasher`.
+    pub fn with_hasher(capacity: usize, hasher: S) -> DecisionCache<S> {
         DecisionCache {
             capacity,
-            hasher: RandomState::new(),
+            hasher,
             slots: Mutex::new(Slots::default()),
         }
     }
@@ -211,7 +231,7 @@ impl DecisionCache {
                 }
                 let bucket = slots.by_hash.entry(hash).or_default();
                 // Another thread may have kept the same inputs meanwhile.
-                if !bucket.iter().any(|s| s.is_for(pod, namespace, view)) {
+                if bucket.len() < MAX_PER_HASH && !bucket.iter().any(|s| s.is_for(pod, namespace, view)) {
                     bucket.push(slot);
                     slots.len += 1;
                     slots.bytes += weight;
@@ -296,6 +316,54 @@ mod tests {
         let (weak_one, weak_two) = (Arc::downgrade(&one), Arc::downgrade(&two));
         drop((one, two));
         assert!(weak_one.upgrade().is_none() && weak_two.upgrade().is_none());
+    }
+
+    /// Hashes every input to 0.
+    #[derive(Default)]
+    struct Zero;
+    impl std::hash::Hasher for Zero {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+
+    #[test]
+    fn colliding_inputs_get_their_own_results_and_a_hash_keeps_at_most_four() {
+        let cache = DecisionCache::with_hasher(64, std::hash::BuildHasherDefault::<Zero>::default());
+        let view = Policy::default().namespace("shop", None);
+        let index = Arc::new(Index::default());
+        let pods: Vec<String> = (0..10).map(|n| format!("pod-{n}")).collect();
+        fn pod(name: &str) -> PodView<'_> {
+            PodView {
+                metadata: crate::slim::MetaView {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                spec: None,
+            }
+        }
+        // Each pod's own result, though all share one hash.
+        let answer = |name: &str| {
+            let (computed, how) = cache
+                .get_or_compute::<()>(&pod(name), "shop", &view, &index, || {
+                    let mut c = computed(Outcome::allowed);
+                    c.workload = name.to_owned();
+                    Ok(c)
+                })
+                .unwrap();
+            assert_eq!(computed.workload, name);
+            how
+        };
+        for name in &pods {
+            assert_eq!(answer(name), Cached::Miss);
+        }
+        assert_eq!(cache.len(), MAX_PER_HASH);
+        for (n, name) in pods.iter().enumerate() {
+            let want = if n < MAX_PER_HASH { Cached::Hit } else { Cached::Miss };
+            assert_eq!(answer(name), want, "{name}");
+        }
+        assert_eq!(cache.len(), MAX_PER_HASH);
     }
 
     #[test]

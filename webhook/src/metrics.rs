@@ -276,6 +276,14 @@ pub struct Timer<'m> {
     start: Instant,
 }
 
+impl Timer<'_> {
+    /// The time since the timer started (what the log line reports, so that it
+    /// and the histogram measure the same span from one clock reading).
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.start.elapsed()
+    }
+}
+
 impl Drop for Timer<'_> {
     fn drop(&mut self) {
         self.histogram.observe(self.start.elapsed().as_secs_f64());
