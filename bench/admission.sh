@@ -24,7 +24,7 @@
 # alternate and medians are reported.
 #
 # Knobs (environment): CONNECTIONS (2), CONCURRENCY (8 streams per connection,
-# closed loop), ROUNDS (3), SCALE_ROUNDS (7, runs of each store in (c)),
+# closed loop), ROUNDS (15), SCALE_ROUNDS (7, runs of each store in (c)),
 # DURATION (8 s, closed loop), RATE (1000),
 # RATE_DURATION (10 s), WARMUP (2 s), PROFILES (10000), SMALL_PROFILES (10),
 # QUIET_CORES (0.3) and QUIET_WAIT (10 s): before each run, wait that long at
@@ -41,7 +41,12 @@ REPO=$(pwd)
 
 CONNECTIONS=${CONNECTIONS:-2}
 CONCURRENCY=${CONCURRENCY:-8}
-ROUNDS=${ROUNDS:-3}
+# tether's share of the no-op server's throughput sits near the 70 % target on
+# the 2-core VMs this runs on, and single rounds of it spread over 20-30
+# points: with 5 or 7 rounds the verdict on (a) went either way for the same
+# code within half an hour (6 December: 68.6, 73.7, 69.3 %), with 15 it did
+# not (71.3, 71.1 %). A run takes ~19 minutes.
+ROUNDS=${ROUNDS:-15}
 # (c) compares two p99s of ~0.6 ms whose run-to-run spread on this shared
 # machine (0.56-0.83 ms in one run of 3 each) is larger than the 10% the target
 # allows: more runs, so the medians compare the stores and not the noise.
@@ -312,6 +317,11 @@ print("%-58s %-40s %s" % ("measure", "runs", "median"))
 print("%-58s %-40s %.0f" % ("(a) no-op server, max throughput, req/s (%s x %s streams)" % (conns, conc), runs(noop, "throughput_rps"), med(noop, "throughput_rps")))
 print("%-58s %-40s %.0f" % ("(a) tether, %s profiles, max throughput, req/s" % large, runs(tl, "throughput_rps"), med(tl, "throughput_rps")))
 print("%-58s %-40s %.0f" % ("(a) tether, %s profiles, p99 at max throughput, us" % large, runs(tl, "p99_us"), med(tl, "p99_us")))
+# Rounds alternate, so a round's share compares the two servers under the same
+# phase of the machine: how far they spread says how firm the verdict is.
+shares = [100 * t["throughput_rps"] / n["throughput_rps"] for n, t in zip(noop, tl)]
+print("%-58s %-40s %.1f" % ("(a) tether's share round by round, %% (%d of %d at >= 70)" % (sum(s >= 70 for s in shares), len(shares)),
+      ", ".join("%.1f" % s for s in shares), statistics.median(shares)))
 print("%-58s %-40s %.0f" % ("(b) tether, %s profiles, p99 at %s req/s, us" % (large, rate), runs(rl, "p99_us"), p99_rate))
 print("%-58s %-40s %.0f" % ("(b) tether, %s profiles, p50 at %s req/s, us" % (large, rate), runs(rl, "p50_us"), med(rl, "p50_us")))
 if rn:
