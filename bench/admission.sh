@@ -45,7 +45,7 @@ CONCURRENCY=${CONCURRENCY:-8}
 # the 2-core VMs this runs on, and single rounds of it spread over 20-30
 # points: with 5 or 7 rounds the verdict on (a) went either way for the same
 # code within half an hour (6 December: 68.6, 73.7, 69.3 %), with 15 it did
-# not (71.3, 71.1 %). A run takes ~19 minutes.
+# not (71.3, 71.1, 73.5, 74.7 %). A run takes ~19 minutes.
 ROUNDS=${ROUNDS:-15}
 # (c) compares two p99s of ~0.6 ms whose run-to-run spread on this shared
 # machine (0.56-0.83 ms in one run of 3 each) is larger than the 10% the target
