@@ -277,8 +277,9 @@ pub struct Timer<'m> {
 }
 
 impl Timer<'_> {
-    /// The time since the timer started (what the log line reports, so that it
-    /// and the histogram measure the same span from one clock reading).
+    /// The time since the timer started: what the log line reports, so that it
+    /// and the histogram measure from the same start (each reads the clock at
+    /// its own end).
     pub fn elapsed(&self) -> std::time::Duration {
         self.start.elapsed()
     }
